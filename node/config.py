@@ -1,0 +1,240 @@
+"""Settings: one frozen object built from ``CHAT_*`` environment variables and CLI flags.
+
+Every field is declared once in :data:`FIELDS` with its environment name, type, default and
+description. :func:`load` reads them, casts them, validates them and fails with
+:class:`ConfigError` naming the key. The settings object is passed explicitly; there is no
+global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the key."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected a boolean (true/false)")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # attribute name on Settings
+    env: str  # environment variable
+    cast: Callable[[str], Any]
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number (0..65535)"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _redis_url(value: str) -> str | None:
+    if value.startswith(("redis://", "rediss://", "redis+cluster://", "unix://")):
+        return None
+    return "must start with redis://, rediss://, redis+cluster:// or unix://"
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("redis_url", "CHAT_REDIS_URL", str, "redis://127.0.0.1:6379/0",
+          "Redis URL: redis://, rediss://, or redis+cluster://host:port", _redis_url),
+    Field("host", "CHAT_HOST", str, "0.0.0.0", "Address the WebSocket and HTTP servers bind to"),
+    Field("ws_port", "CHAT_WS_PORT", int, 8000, "WebSocket port (0: pick a free one)", _port),
+    Field("http_port", "CHAT_HTTP_PORT", int, 8001,
+          "HTTP port: API, polling, demo page, /metrics, /healthz (0: pick a free one)", _port),
+    Field("node_id", "CHAT_NODE_ID", str, "", "Node name in logs, metrics and welcome (default: host + random)"),
+    Field("auth", "CHAT_AUTH", str, "jwt", "jwt, or dev (accepts hello with a bare user name)",
+          _one_of("jwt", "dev")),
+    Field("jwt_secret", "CHAT_JWT_SECRET", str, "", "HS256 secret for user tokens"),
+    Field("jwt_public_key", "CHAT_JWT_PUBLIC_KEY", str, "", "PEM public key for RS256/ES256 tokens"),
+    Field("jwt_leeway_s", "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative),
+    Field("api_key", "CHAT_API_KEY", str, "", "Bearer key for the server endpoints (alerts, tokens, system messages)"),
+    Field("allowed_origins", "CHAT_ALLOWED_ORIGINS", _list, (),
+          "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com wildcards)"),
+    Field("drain_seconds", "CHAT_DRAIN_SECONDS", float, 30.0,
+          "On SIGTERM, closes (4001) are spread over this window", _non_negative),
+    Field("presence_ttl", "CHAT_PRESENCE_TTL", int, 30, "Seconds a session stays online without a heartbeat", _positive),
+    Field("history_maxlen", "CHAT_HISTORY_MAXLEN", int, 10000, "Messages kept per room (approximate trim)", _positive),
+    Field("max_text_chars", "CHAT_MAX_TEXT_CHARS", int, 4000, "Longest message text, in characters", _positive),
+    Field("max_frame_bytes", "CHAT_MAX_FRAME_BYTES", int, 65536, "Largest client frame; larger closes 1009", _positive),
+    Field("outbound_buffer_bytes", "CHAT_OUTBOUND_BUFFER_BYTES", int, 1 << 20,
+          "Per-connection outbound buffer; a client over it is closed 4002", _positive),
+    Field("hello_timeout_s", "CHAT_HELLO_TIMEOUT_S", float, 10.0, "Time allowed for the first frame (hello)", _positive),
+    Field("replay_limit", "CHAT_REPLAY_LIMIT", int, 1000,
+          "Most messages replayed per room on resume; a larger gap gives recovered: false", _positive),
+    Field("history_limit_max", "CHAT_HISTORY_LIMIT_MAX", int, 100, "Largest history page", _positive),
+    Field("shards", "CHAT_SHARDS", int, 16,
+          "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data", _positive),
+    Field("read_count", "CHAT_READ_COUNT", int, 512, "Entries per XREAD call of a shard reader", _positive),
+    Field("read_block_ms", "CHAT_READ_BLOCK_MS", int, 5000, "Longest block of a shard reader's XREAD", _positive),
+    Field("ping_interval_s", "CHAT_PING_INTERVAL_S", float, 20.0, "WebSocket ping interval", _positive),
+    Field("cmid_ttl_s", "CHAT_CMID_TTL_S", int, 86400, "How long a client message id deduplicates sends", _positive),
+    Field("max_connections", "CHAT_MAX_CONNECTIONS", int, 50000, "WebSocket connections per node", _positive),
+    Field("protocol_errors_max", "CHAT_PROTOCOL_ERRORS_MAX", int, 10,
+          "Malformed frames tolerated per connection before close 4502", _positive),
+    Field("rate_per_s", "CHAT_RATE_PER_S", float, 20.0, "Commands per second per connection (token bucket)", _positive),
+    Field("rate_burst", "CHAT_RATE_BURST", int, 60, "Token bucket size per connection", _positive),
+    Field("rate_strikes_max", "CHAT_RATE_STRIKES_MAX", int, 20,
+          "Rate-limited commands tolerated before close 4003", _positive),
+    Field("typing_interval_ms", "CHAT_TYPING_INTERVAL_MS", int, 3000, "Least time between typing events per user and room", _positive),
+    Field("typing_ttl_ms", "CHAT_TYPING_TTL_MS", int, 6000, "How long clients show a typing indicator", _positive),
+    Field("presence_room_limit", "CHAT_PRESENCE_ROOM_LIMIT", int, 200,
+          "Rooms with more members get throttled online counts instead of presence events", _positive),
+    Field("poll_min_ms", "CHAT_POLL_MIN_MS", int, 1000, "Poll interval after activity", _positive),
+    Field("poll_max_ms", "CHAT_POLL_MAX_MS", int, 30000, "Longest poll interval", _positive),
+    Field("poll_decay", "CHAT_POLL_DECAY", float, 1.5, "Poll interval growth per empty poll", lambda v: None if v >= 1 else "must be >= 1"),
+    Field("poll_unfocused_ms", "CHAT_POLL_UNFOCUSED_MS", int, 15000, "Least poll interval of an unfocused client", _positive),
+    Field("log_format", "CHAT_LOG_FORMAT", str, "json", "json (one object per line) or text", _one_of("json", "text")),
+    Field("log_level", "CHAT_LOG_LEVEL", str, "INFO", "Python log level",
+          _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
+    Field("dev_force", "CHAT_DEV_FORCE", _bool, False, "Allow CHAT_AUTH=dev on a non-loopback address"),
+)
+
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    host: str
+    ws_port: int
+    http_port: int
+    node_id: str
+    auth: str
+    jwt_secret: str
+    jwt_public_key: str
+    jwt_leeway_s: float
+    api_key: str
+    allowed_origins: tuple[str, ...]
+    drain_seconds: float
+    presence_ttl: int
+    history_maxlen: int
+    max_text_chars: int
+    max_frame_bytes: int
+    outbound_buffer_bytes: int
+    hello_timeout_s: float
+    replay_limit: int
+    history_limit_max: int
+    shards: int
+    read_count: int
+    read_block_ms: int
+    ping_interval_s: float
+    cmid_ttl_s: int
+    max_connections: int
+    protocol_errors_max: int
+    rate_per_s: float
+    rate_burst: int
+    rate_strikes_max: int
+    typing_interval_ms: int
+    typing_ttl_ms: int
+    presence_room_limit: int
+    poll_min_ms: int
+    poll_max_ms: int
+    poll_decay: float
+    poll_unfocused_ms: int
+    log_format: str
+    log_level: str
+    dev_force: bool
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def public_limits(self) -> dict[str, int]:
+        """The limits a client needs to know, as sent in ``welcome.limits``."""
+        return {
+            "max_text_chars": self.max_text_chars,
+            "max_frame_bytes": self.max_frame_bytes,
+            "typing_interval_ms": self.typing_interval_ms,
+            "typing_ttl_ms": self.typing_ttl_ms,
+            "history_limit_max": self.history_limit_max,
+            "replay_limit": self.replay_limit,
+            "rate_per_s": int(self.rate_per_s),
+            "rate_burst": self.rate_burst,
+        }
+
+
+def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build settings from ``environ`` (default ``os.environ``) and ``overrides``.
+
+    ``overrides`` maps field names to values that are either already typed (CLI flags parsed by
+    argparse) or strings; ``None`` values are ignored. Raises :class:`ConfigError` naming the
+    environment key of the first bad value.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        raw: Any = env.get(field.env)
+        if overrides and overrides.get(field.name) is not None:
+            raw = overrides[field.name]
+        if raw is None:
+            value = field.default
+        elif isinstance(raw, str):
+            try:
+                value = field.cast(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{field.env}: cannot parse {raw!r}: {exc}") from None
+        else:
+            value = raw
+        if field.check is not None:
+            problem = field.check(value)
+            if problem:
+                raise ConfigError(f"{field.env}: {problem} (got {value!r})")
+        values[field.name] = value
+    if not values["node_id"]:
+        values["node_id"] = _default_node_id()
+    if values["poll_min_ms"] > values["poll_max_ms"]:
+        raise ConfigError("CHAT_POLL_MIN_MS: must not exceed CHAT_POLL_MAX_MS")
+    return Settings(**values)
+
+
+def require_auth_material(settings: Settings) -> None:
+    """A production (jwt) node needs a key to verify tokens; fail at start-up otherwise."""
+    if settings.auth == "jwt" and not (settings.jwt_secret or settings.jwt_public_key):
+        raise ConfigError("CHAT_JWT_SECRET: required when CHAT_AUTH=jwt (or set CHAT_JWT_PUBLIC_KEY)")
+
+
+def markdown_table() -> str:
+    """The configuration table of the README, generated from :data:`FIELDS`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in FIELDS:
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        rows.append(f"| `{f.env}` | `{default}` | {f.help} |")
+    return "\n".join(rows)

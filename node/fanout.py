@@ -1,0 +1,368 @@
+"""Fan-out: shard readers pull stream entries from Redis, each entry is encoded once per node
+and its frame is queued to every local subscriber without awaiting any of them.
+
+Pieces:
+
+* :class:`Sink` -- one client connection's bounded outbound buffer. ``push`` never blocks; the
+  frames queued for one socket during one event-loop tick are written with one
+  ``transport.write``. A sink over its byte limit is cut off (close 4002).
+* :class:`Flusher` -- the per-node list of sinks with pending frames, flushed once per tick.
+* :class:`Topic` -- a stream key with local subscribers (a room, or a user's personal stream),
+  the id up to which this node has delivered it, and how to encode its entries.
+* :class:`ShardReader` -- one task per virtual shard with topics: a blocking multi-key ``XREAD``
+  (COUNT-batched) over all of that shard's topics. When a topic is added, the blocked read is
+  interrupted with ``CLIENT UNBLOCK`` and re-armed with the new key, from the position the topic
+  was created at, so adding a room never opens a gap.
+* :class:`Fanout` -- the registry (key -> topic) and the owner of the readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from websockets.protocol import State
+
+from . import redisio
+from .metrics import METRICS
+from .protocol import stream_id_tuple, ws_text_frame
+
+log = logging.getLogger("chatcluster.fanout")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+Encoder = Callable[["Topic", str, dict[bytes, bytes]], bytes | None]
+
+
+class Flusher:
+    """Collects sinks with pending frames and flushes them all in one callback per loop tick."""
+
+    __slots__ = ("_dirty", "_scheduled", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._dirty: list[Sink] = []
+        self._scheduled = False
+        self._loop = loop
+
+    def mark(self, sink: Sink) -> None:
+        self._dirty.append(sink)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for sink in dirty:
+            sink.flush()
+
+
+class Sink:
+    """Outbound side of one WebSocket connection.
+
+    Frames are pre-framed WebSocket bytes (see :func:`node.protocol.ws_text_frame`), written
+    straight to the transport: every frame is whole and unfragmented, so they interleave safely
+    with the control frames (ping/pong/close) the websockets library writes itself.
+
+    While ``holding`` (during the hello replay), live frames wait in ``held`` so that they go out
+    after the replay, in order.
+    """
+
+    __slots__ = ("ws", "transport", "flusher", "limit", "pending", "pending_bytes", "holding",
+                 "held", "held_bytes", "closed", "on_overflow")
+
+    def __init__(self, ws: Any, flusher: Flusher, limit: int,
+                 on_overflow: Callable[[], None]) -> None:
+        self.ws = ws
+        self.transport = ws.transport
+        self.flusher = flusher
+        self.limit = limit
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.holding = False
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.closed = False
+        self.on_overflow = on_overflow
+
+    def push(self, frame: bytes) -> None:
+        """Queue one frame. Never blocks, never raises."""
+        if self.closed:
+            return
+        if self.holding:
+            self.held.append(frame)
+            self.held_bytes += len(frame)
+            if self.held_bytes > self.limit:
+                self.overflow()
+            return
+        if not self.pending:
+            self.flusher.mark(self)
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        if self.pending_bytes > self.limit:
+            self.overflow()
+
+    def push_now(self, frame: bytes) -> None:
+        """Queue a frame that must not wait behind ``held`` (welcome, replay, replies)."""
+        if self.closed:
+            return
+        if not self.pending:
+            self.flusher.mark(self)
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        if self.pending_bytes > self.limit:
+            self.overflow()
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        """End the replay: held live frames follow whatever was queued with ``push_now``."""
+        self.holding = False
+        held, self.held, self.held_bytes = self.held, [], 0
+        for frame in held:
+            self.push(frame)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        if self.closed or self.ws.protocol.state is not State.OPEN:
+            return
+        transport = self.transport
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if transport.get_write_buffer_size() > self.limit:
+            self.overflow()
+
+    def overflow(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending = []
+        self.held = []
+        self.pending_bytes = self.held_bytes = 0
+        METRICS.slow_consumers.inc()
+        self.on_overflow()
+
+    def buffered_bytes(self) -> int:
+        try:
+            return self.pending_bytes + self.held_bytes + self.transport.get_write_buffer_size()
+        except Exception:
+            return 0
+
+
+class Topic:
+    """A stream key this node reads because local sessions subscribe to it."""
+
+    __slots__ = ("key", "shard", "name", "pos", "sinks", "encoder", "epoch", "kind")
+
+    def __init__(self, key: str, shard: int, name: str, pos: str, encoder: Encoder,
+                 epoch: str, kind: str) -> None:
+        self.key = key
+        self.shard = shard
+        self.name = name  # room id, or user id for a personal stream
+        self.pos = pos  # the newest id delivered to this topic's sinks
+        self.sinks: set[Sink] = set()
+        self.encoder = encoder
+        self.epoch = epoch
+        self.kind = kind  # "room" or "personal"
+
+    def deliver(self, entries: list[Entry], now_ms: float) -> int:
+        """Encode each entry once and queue it to every sink. Returns the deliveries made."""
+        delivered = 0
+        pos_t = stream_id_tuple(self.pos)
+        for raw_id, fields in entries:
+            sid = raw_id.decode()
+            sid_t = stream_id_tuple(sid)
+            if sid_t <= pos_t:
+                continue  # already delivered (the topic was re-created while a read was in flight)
+            pos_t = sid_t
+            self.pos = sid
+            payload = self.encoder(self, sid, fields)
+            if payload is None:
+                continue
+            frame = ws_text_frame(payload)
+            for sink in self.sinks:
+                sink.push(frame)
+            delivered += len(self.sinks)
+            METRICS.delivery_latency.observe(max(0.0, now_ms - sid_t[0]) / 1000.0)
+        return delivered
+
+
+class ShardReader:
+    """Reads every topic of one virtual shard with one blocking ``XREAD`` on its own connection."""
+
+    def __init__(self, fanout: Fanout, shard: int) -> None:
+        self.fanout = fanout
+        self.shard = shard
+        self.topics: dict[str, Topic] = {}
+        self.client_id: int | None = None
+        self.inflight: frozenset[str] | None = None
+        self.wake = asyncio.Event()
+        self.conn: Any = None
+        self.healthy = False
+
+    async def interrupt(self, key: str) -> None:
+        """Make the reader re-arm its XREAD so that it includes ``key``.
+
+        Loops until the read in flight includes the key, or no read is in flight: the reader
+        may be between two reads when ``CLIENT UNBLOCK`` arrives, and then it did nothing.
+        """
+        self.wake.set()
+        for _ in range(200):
+            inflight = self.inflight
+            if inflight is None or key in inflight or self.client_id is None:
+                return
+            try:
+                unblocked = await self.fanout.redis.client_unblock(self.client_id)
+            except redisio.TRANSIENT:
+                return  # the reader is reconnecting and will pick the key up
+            if unblocked:
+                return
+            await asyncio.sleep(0.002)
+
+    async def run(self) -> None:
+        backoff = 0.05
+        settings = self.fanout.settings
+        while True:
+            if not self.topics:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                if self.conn is None:
+                    self.conn = self.fanout.make_reader_conn(self.shard)
+                    self.client_id = int(await self.conn.client_id())
+                    if not self.healthy:
+                        await self.fanout.on_reader_reconnect(self)
+                    self.healthy = True
+                streams = {key: topic.pos for key, topic in self.topics.items()}
+                self.wake.clear()
+                self.inflight = frozenset(streams)
+                try:
+                    result = await self.conn.xread(streams, count=settings.read_count,
+                                                   block=settings.read_block_ms)
+                finally:
+                    self.inflight = None
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except redisio.TRANSIENT as exc:
+                METRICS.redis_errors.labels(op="xread").inc()
+                if self.healthy:
+                    log.warning("shard reader lost Redis", extra={"shard": self.shard, "error": type(exc).__name__})
+                self.healthy = False
+                await self._drop_conn()
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception:
+                log.exception("shard reader failed", extra={"shard": self.shard})
+                self.healthy = False
+                await self._drop_conn()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if result:
+                self.fanout.dispatch(self, result)
+
+    async def _drop_conn(self) -> None:
+        conn, self.conn, self.client_id = self.conn, None, None
+        if conn is not None:
+            try:
+                await conn.aclose()
+            except Exception:
+                pass
+
+
+class Fanout:
+    """Registry of the topics with local subscribers, and owner of the shard readers.
+
+    Call :meth:`run` once (it owns the reader tasks); :meth:`subscribe` from connection handlers.
+    """
+
+    def __init__(self, settings: Any, redis: Any, flusher: Flusher,
+                 make_reader_conn: Callable[[int], Any],
+                 on_epoch_check: Callable[[ShardReader], Any] | None = None) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.flusher = flusher
+        self.make_reader_conn = make_reader_conn
+        self.topics: dict[str, Topic] = {}
+        self.readers: dict[int, ShardReader] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._ready = asyncio.Event()
+        self._on_epoch_check = on_epoch_check
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            self._ready.set()
+            await asyncio.Event().wait()  # the task group lives until cancelled
+
+    def reader(self, shard: int) -> ShardReader:
+        reader = self.readers.get(shard)
+        if reader is None:
+            if self._tg is None:
+                raise RuntimeError("Fanout.run() is not running")
+            reader = self.readers[shard] = ShardReader(self, shard)
+            self._tg.create_task(reader.run(), name=f"shard-reader-{shard}")
+            METRICS.readers.set(len(self.readers))
+        return reader
+
+    def get(self, key: str) -> Topic | None:
+        return self.topics.get(key)
+
+    def add_topic(self, key: str, shard: int, name: str, pos: str, encoder: Encoder,
+                  epoch: str, kind: str) -> tuple[Topic, bool]:
+        """The topic for ``key``, created at ``pos`` if this node does not read it yet.
+
+        Synchronous on purpose: the caller reads ``topic.pos`` right after, with no await in
+        between, so the position it replays up to is exactly where live delivery starts.
+        """
+        topic = self.topics.get(key)
+        if topic is not None:
+            return topic, False
+        topic = Topic(key, shard, name, pos, encoder, epoch, kind)
+        self.topics[key] = topic
+        self.reader(shard).topics[key] = topic
+        return topic, True
+
+    def unsubscribe(self, topic: Topic, sink: Sink) -> None:
+        topic.sinks.discard(sink)
+        if not topic.sinks and self.topics.get(topic.key) is topic:
+            del self.topics[topic.key]
+            reader = self.readers.get(topic.shard)
+            if reader is not None:
+                reader.topics.pop(topic.key, None)
+
+    def dispatch(self, reader: ShardReader, result: list[Any]) -> None:
+        """Deliver one XREAD result (runs synchronously: no socket is awaited)."""
+        now_ms = time.time() * 1000.0
+        delivered = 0
+        entries_read = 0
+        newest = 0.0
+        for raw_key, entries in result:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            topic = reader.topics.get(key)
+            if topic is None or not entries:
+                continue
+            entries_read += len(entries)
+            delivered += topic.deliver(entries, now_ms)
+            newest = max(newest, stream_id_tuple(topic.pos)[0])
+        METRICS.entries_read.inc(entries_read)
+        if delivered:
+            METRICS.messages_delivered.inc(delivered)
+        if newest:
+            METRICS.reader_lag.set(max(0.0, now_ms - newest) / 1000.0)
+
+    async def on_reader_reconnect(self, reader: ShardReader) -> None:
+        if self._on_epoch_check is not None:
+            await self._on_epoch_check(reader)
+
+    def healthy(self) -> bool:
+        return all(r.healthy or not r.topics for r in self.readers.values())

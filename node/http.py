@@ -1,0 +1,117 @@
+"""HTTP transport (aiohttp.web): health, readiness, metrics, and the JSON API.
+
+Every handler raises :class:`~node.errors.ChatError` for client errors; the error middleware
+turns them into ``{"error": {"code", "message"}}`` with the error's HTTP status, and anything
+unexpected into a bare 500. CORS is answered for the configured origins only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from .errors import BadRequest, ChatError, TooLarge, error_body, status_of
+from .metrics import METRICS
+from .origins import origin_allowed
+
+if TYPE_CHECKING:
+    from .app import Node
+
+log = logging.getLogger("chatcluster.http")
+NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object body; ``bad_request``/``too_large`` otherwise."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
+    if not body:
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("malformed JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _cors_headers(node: Node, request: web.Request) -> dict[str, str]:
+    origin = request.headers.get("Origin")
+    if not origin or not origin_allowed(origin, node.settings.allowed_origins, request.host):
+        return {}
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Credentials": "true",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    }
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    cors = _cors_headers(node, request)
+    if request.method == "OPTIONS" and request.path.startswith("/api/"):
+        if not cors:
+            return json_response({"error": {"code": "forbidden", "message": "origin not allowed"}}, 403)
+        return web.Response(status=204, headers=cors)
+    origin = request.headers.get("Origin")
+    if origin and request.path.startswith("/api/v1/") and not cors and request.method == "POST":
+        METRICS.hello_rejected.labels(reason="origin").inc()
+        return json_response({"error": {"code": "forbidden", "message": "origin not allowed"}}, 403)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(exc.status, "bad_request")
+            response = json_response({"error": {"code": code, "message": exc.reason}}, exc.status)
+        else:
+            raise
+    except ChatError as exc:
+        response = json_response({"error": error_body(exc)}, status_of(exc))
+    except Exception:
+        log.exception("HTTP handler failed", extra={"path": request.path})
+        response = json_response({"error": {"code": "internal", "message": "internal error"}}, 500)
+    response.headers.update(cors)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    ready = node.ready()
+    body = {"ready": ready, "draining": node.draining, "redis": node.redis_ok,
+            "connections": len(node.ws.connections), "node": node.settings.node_id}
+    return json_response(body, 200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=METRICS.render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=node.settings.max_frame_bytes)
+    app[NODE_KEY] = node
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

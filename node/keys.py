@@ -1,0 +1,113 @@
+"""Every Redis key shape of the cluster, in one place.
+
+Rooms and users are spread over a fixed number of *virtual shards*. The shard number is the
+Redis Cluster hash tag of every key that belongs to the room or user (``{s7}``), so that
+
+* all keys of one room (stream, metadata, members, dedupe keys) live in one slot, which lets one
+  Lua script append a message atomically, and
+* one node can read every room of a shard with a single multi-key ``XREAD``, which is what Redis
+  Cluster allows (all keys of one command in one slot, no CROSSSLOT).
+
+The shard count is part of the data layout: changing ``CHAT_SHARDS`` on an existing data set
+moves every key, so it is fixed for the life of the data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import NewType
+
+RoomId = NewType("RoomId", str)
+UserId = NewType("UserId", str)
+StreamId = NewType("StreamId", str)
+
+PREFIX = "cc"
+GENERAL = RoomId("general")
+
+
+def shard_of(name: str, shards: int) -> int:
+    """Virtual shard of a room or user id: stable across nodes and processes."""
+    return zlib.crc32(name.encode()) % shards
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder bound to the shard count; one per node."""
+
+    shards: int
+
+    def tag(self, shard: int) -> str:
+        return "{s%d}" % shard
+
+    # -- rooms ------------------------------------------------------------------------------
+    def room_shard(self, room: str) -> int:
+        return shard_of("r:" + room, self.shards)
+
+    def room_stream(self, room: str) -> str:
+        """The room's message stream (delivery and history)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:x"
+
+    def room_meta(self, room: str) -> str:
+        """Hash: epoch, kind, name, owner, created, seq (message counter), last_id."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:m"
+
+    def room_members(self, room: str) -> str:
+        """Set of member user ids (not kept for ``general``: every user is a member)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:u"
+
+    def room_invites(self, room: str) -> str:
+        """Set of user ids invited to a closed room."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:i"
+
+    def room_cmid(self, room: str, user: str, cmid: str) -> str:
+        """Dedupe key of a client message id: ``"<id> <seq>"`` of the first send."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:c:{user}:{cmid}"
+
+    def room_typing(self, room: str) -> str:
+        """Pub/Sub channel of ephemeral typing events (sharded by the room's tag)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:t"
+
+    def room_online(self, room: str) -> str:
+        """Sorted set user -> expiry (ms) of online members, for ``who`` and counts."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:o"
+
+    def stream_room(self, key: str) -> RoomId | None:
+        """Inverse of :meth:`room_stream` (``None`` for other keys)."""
+        parts = key.split(":", 3)
+        if len(parts) == 4 and parts[2] == "r" and parts[3].endswith(":x"):
+            return RoomId(parts[3][:-2])
+        return None
+
+    # -- users ------------------------------------------------------------------------------
+    def user_shard(self, user: str) -> int:
+        return shard_of("u:" + user, self.shards)
+
+    def user_rooms(self, user: str) -> str:
+        """Set of the rooms a user is a member of (besides ``general``)."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:rooms"
+
+    def user_reads(self, user: str) -> str:
+        """Hash room -> ``"<read_id> <read_seq>"``: the user's read markers."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:reads"
+
+    def user_inbox(self, user: str) -> str:
+        """The user's personal stream (alerts, room events, read-marker sync)."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:p"
+
+    def user_meta(self, user: str) -> str:
+        """Hash: name, inbox epoch, personal cursor delivered last, last_seen."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:m"
+
+    def user_sessions(self, user: str) -> str:
+        """Sorted set session id -> expiry (ms): the user's live sessions on any node."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:s"
+
+    # -- cluster-wide -----------------------------------------------------------------------
+    def room_directory(self) -> str:
+        """Hash room id -> name of the open rooms (for ``rooms`` listing)."""
+        return f"{PREFIX}:{{dir}}:open"
+
+    def general_members(self) -> str:
+        """HyperLogLog of every user seen, for the general room's member count."""
+        return f"{PREFIX}:{{s%d}}:r:general:hll" % self.room_shard(GENERAL)

@@ -1,0 +1,86 @@
+"""Prometheus metrics of a node.
+
+Names follow Prometheus conventions: ``chatcluster_`` prefix, base units (seconds, bytes),
+``_total`` for counters, histograms rather than summaries. Labels only take values from small
+server-chosen sets (transport, close code, op, result); never a room or a user.
+
+Hot paths count in batches (one ``inc(n)`` per fanned-out entry, not one per socket).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SIZE_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.build_info = Info("chatcluster_build", "Version of the node", registry=r)
+        self.connections_open = Gauge(
+            "chatcluster_connections_open", "Open client connections", ["transport"], registry=r)
+        self.connections_accepted = Counter(
+            "chatcluster_connections_accepted_total", "WebSocket connections accepted", registry=r)
+        self.connections_closed = Counter(
+            "chatcluster_connections_closed_total", "Connections closed, by close code", ["code"], registry=r)
+        self.hello_rejected = Counter(
+            "chatcluster_handshakes_rejected_total", "Handshakes refused, by reason", ["reason"], registry=r)
+        self.messages_published = Counter(
+            "chatcluster_messages_published_total", "Messages appended to room streams by this node", registry=r)
+        self.messages_delivered = Counter(
+            "chatcluster_messages_delivered_total", "Message frames queued to local sockets", registry=r)
+        self.entries_read = Counter(
+            "chatcluster_stream_entries_read_total", "Stream entries read by the shard readers", registry=r)
+        self.delivery_latency = Histogram(
+            "chatcluster_delivery_latency_seconds",
+            "From stream entry time to the write to the local sockets", buckets=LATENCY_BUCKETS, registry=r)
+        self.replay_messages = Histogram(
+            "chatcluster_replay_messages", "Messages replayed per room on resume", buckets=SIZE_BUCKETS, registry=r)
+        self.resumes = Counter(
+            "chatcluster_resumes_total", "Room cursors presented on hello, by outcome", ["recovered"], registry=r)
+        self.slow_consumers = Counter(
+            "chatcluster_slow_consumer_disconnects_total", "Connections closed 4002 for a full buffer", registry=r)
+        self.outbound_bytes = Gauge(
+            "chatcluster_outbound_buffer_bytes", "Bytes waiting in socket write buffers", registry=r)
+        self.redis_latency = Histogram(
+            "chatcluster_redis_command_duration_seconds", "Redis command latency", ["op"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.redis_errors = Counter(
+            "chatcluster_redis_errors_total", "Redis command failures", ["op"], registry=r)
+        self.reader_lag = Gauge(
+            "chatcluster_stream_reader_lag_seconds", "Age of the newest entry when it was read (max over shards)",
+            registry=r)
+        self.readers = Gauge("chatcluster_stream_readers", "Shard readers running", registry=r)
+        self.commands = Counter(
+            "chatcluster_commands_total", "Client commands handled, by type and result", ["type", "result"], registry=r)
+        self.rate_limited = Counter(
+            "chatcluster_rate_limited_total", "Commands refused by a rate limit, by limit", ["limit"], registry=r)
+        self.protocol_errors = Counter(
+            "chatcluster_protocol_errors_total", "Malformed client frames, by kind", ["kind"], registry=r)
+        self.polls = Counter(
+            "chatcluster_polls_total", "HTTP polls, by result", ["result"], registry=r)
+        self.next_poll = Histogram(
+            "chatcluster_next_poll_seconds", "next_poll_ms handed to polling clients, in seconds",
+            buckets=(1, 2, 5, 10, 15, 20, 30, 60), registry=r)
+        self.presence_heartbeats = Counter(
+            "chatcluster_presence_heartbeats_total", "Presence heartbeats written to Redis", registry=r)
+        self.alerts = Counter(
+            "chatcluster_alerts_injected_total", "Alerts injected through the server API", registry=r)
+        self.loop_lag = Gauge(
+            "chatcluster_event_loop_lag_seconds", "Event loop scheduling delay (last sample)", registry=r)
+        self.draining = Gauge("chatcluster_draining", "1 while the node drains", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = Metrics()

@@ -1,0 +1,74 @@
+"""Redis clients and the boundary where Redis errors become :class:`~node.errors.Unavailable`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+
+from .errors import Unavailable
+from .metrics import METRICS
+
+# Errors that mean "Redis is not reachable right now" rather than "the command is wrong".
+TRANSIENT = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.BusyLoadingError,
+    rexc.TryAgainError,
+    rexc.ClusterDownError,
+    OSError,
+)
+
+Redis = aioredis.Redis | RedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith("redis+cluster://")
+
+
+def connect(url: str, *, max_connections: int = 256) -> Any:
+    """A shared client for commands (pooled). ``redis+cluster://`` gives a cluster client."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(
+            "redis://" + url[len("redis+cluster://"):],
+            max_connections=max_connections,
+        )
+    return aioredis.Redis.from_url(
+        url, max_connections=max_connections, socket_connect_timeout=2,
+        health_check_interval=15, socket_keepalive=True,
+    )
+
+
+def connect_dedicated(url: str) -> aioredis.Redis:
+    """One connection of its own for a blocking reader (standalone Redis)."""
+    return aioredis.Redis.from_url(url, single_connection_client=True, socket_connect_timeout=2,
+                                   socket_keepalive=True)
+
+
+@contextlib.contextmanager
+def unavailable_on_redis_errors(op: str = "command") -> Iterator[None]:
+    """Map transient Redis errors to :class:`Unavailable` and count them."""
+    start = time.perf_counter()
+    try:
+        yield
+    except TRANSIENT as exc:
+        METRICS.redis_errors.labels(op=op).inc()
+        raise Unavailable("Redis is unreachable, retry shortly") from exc
+    except rexc.ResponseError as exc:
+        METRICS.redis_errors.labels(op=op).inc()
+        if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "CLUSTERDOWN" in str(exc):
+            raise Unavailable("Redis is not ready, retry shortly") from exc
+        raise
+    finally:
+        METRICS.redis_latency.labels(op=op).observe(time.perf_counter() - start)
+
+
+@contextlib.asynccontextmanager
+async def timed(op: str) -> AsyncIterator[None]:
+    with unavailable_on_redis_errors(op):
+        yield

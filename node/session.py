@@ -1,0 +1,137 @@
+"""Opening a session: ``hello`` -> subscribe -> replay -> ``welcome`` -> live.
+
+The hand-over from replay to live is exact because of one synchronous step: for each room the
+connection joins the room's topic and reads the topic's position ``P`` with no await in between.
+From then on every entry after ``P`` reaches the connection live (held back until the replay is
+written), and the replay is the range ``(cursor, P]``. Nothing is missed and nothing comes twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .auth import Identity
+from .fanout import Sink, Topic
+from .keys import RoomId
+from .metrics import METRICS
+from .protocol import dumps, message_event, parse_cursor, ws_text_frame
+from .resume import plan_replay
+from .streams import RoomMeta
+
+if TYPE_CHECKING:
+    from .app import Node
+
+MAX_CURSORS = 1000
+
+
+@dataclass
+class Subscription:
+    """The live side of one WebSocket session: its sink and the topics it is in."""
+
+    sink: Sink
+    topics: dict[str, Topic] = field(default_factory=dict)  # room id -> topic
+
+
+def room_summary(meta: RoomMeta, last_id: str, unread: int, members: int, online: int) -> dict[str, Any]:
+    return {"id": meta.room, "name": meta.name, "kind": meta.kind, "epoch": meta.epoch,
+            "last_id": last_id, "seq": meta.seq, "unread": unread,
+            "members": members, "online": online}
+
+
+def parse_cursors(raw: Any) -> dict[str, tuple[str, str]]:
+    """Valid cursors of a hello/session/poll body; malformed ones are ignored (no replay)."""
+    out: dict[str, tuple[str, str]] = {}
+    if not isinstance(raw, dict):
+        return out
+    for room, value in list(raw.items())[:MAX_CURSORS]:
+        cursor = parse_cursor(value)
+        if isinstance(room, str) and cursor is not None:
+            out[room] = cursor
+    return out
+
+
+class Sessions:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def room_metas(self, rooms: list[RoomId]) -> dict[str, RoomMeta]:
+        """Metadata of the user's rooms; recreates ``general`` if Redis lost it."""
+        node = self.node
+        metas = await node.streams.metas(list(rooms))
+        if metas.get("general") is None:
+            await node.rooms.ensure_general()
+            metas["general"] = await node.streams.meta("general")
+        return {room: meta for room, meta in metas.items() if meta is not None}
+
+    async def open_ws(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
+                      session_id: str) -> None:
+        """Subscribe ``sub`` to the user's rooms, write ``welcome`` and the replay, go live."""
+        node = self.node
+        cursors = parse_cursors(hello.get("cursors"))
+        rooms = await node.rooms.user_rooms(identity.user)
+        metas = await self.room_metas(rooms)
+        fanout = node.fanout
+        new_rooms = [r for r in metas if fanout.get(node.keys.room_stream(r)) is None]
+        last_ids = await node.streams.last_ids(new_rooms)
+
+        # --- synchronous: join every topic and note where live delivery starts -------------
+        sink = sub.sink
+        sink.hold()
+        positions: dict[str, str] = {}
+        created: list[Topic] = []
+        for room, meta in metas.items():
+            key = node.keys.room_stream(room)
+            topic, is_new = fanout.add_topic(
+                key, node.keys.room_shard(room), room, last_ids.get(room, "0-0"),
+                node.encode_room_entry, meta.epoch, "room")
+            topic.sinks.add(sink)
+            sub.topics[room] = topic
+            positions[room] = topic.pos
+            if is_new:
+                created.append(topic)
+        # -------------------------------------------------------------------------------------
+        if created:
+            await asyncio.gather(*(fanout.reader(t.shard).interrupt(t.key) for t in created))
+
+        recovered: dict[str, bool] = {}
+        replay_frames: list[bytes] = []
+        for room, (epoch, cursor_id) in cursors.items():
+            meta = metas.get(room)
+            topic = sub.topics.get(room)
+            if meta is None or topic is None:
+                continue  # not a room of this user: no replay, and no hint that it exists
+            upto = positions[room]
+            entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
+                if epoch == topic.epoch else []
+            plan = plan_replay(epoch, topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
+            recovered[room] = plan.recovered
+            METRICS.resumes.labels(recovered=str(plan.recovered).lower()).inc()
+            METRICS.replay_messages.observe(len(plan.entries))
+            for sid, fields in plan.entries:
+                replay_frames.append(ws_text_frame(dumps(message_event(room, sid.decode(), fields))))
+
+        summaries = await node.room_summaries(identity.user, metas, positions)
+        welcome = {
+            "type": "welcome",
+            "user": {"id": identity.user, "name": identity.name},
+            "node": node.settings.node_id,
+            "session": session_id,
+            "server_time": node.now_ms(),
+            "rooms": summaries,
+            "recovered": recovered,
+            "limits": node.settings.public_limits(),
+        }
+        personal_frames = await node.open_personal(identity, hello, sub, welcome)
+        sink.push_now(ws_text_frame(dumps(welcome)))
+        for frame in replay_frames:
+            sink.push_now(frame)
+        for frame in personal_frames:
+            sink.push_now(frame)
+        sink.release()
+
+    def close_ws(self, sub: Subscription) -> None:
+        for topic in list(sub.topics.values()):
+            self.node.fanout.unsubscribe(topic, sub.sink)
+        sub.topics.clear()

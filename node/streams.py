@@ -1,0 +1,181 @@
+"""Room streams in Redis: creating rooms, appending messages atomically, history and replay.
+
+Every command here touches the keys of one room only, which share the room's hash tag, so each
+works unchanged on Redis Cluster. Appending is one Lua script: dedupe by ``cmid``, bump ``seq``,
+``XADD`` with approximate ``MAXLEN`` trimming, remember ``last_id`` -- all or nothing.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import NotFound
+from .keys import Keys, RoomId, StreamId
+from .redisio import unavailable_on_redis_errors
+
+# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid ('' = none), kind, cmid_ttl
+APPEND_LUA = """
+if ARGV[5] ~= '' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {0, prev} end
+end
+if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {-1, ''} end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local fields = {'f', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 's', seq}
+if ARGV[5] ~= '' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
+if ARGV[6] ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = ARGV[6] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+redis.call('HSET', KEYS[2], 'last_id', id)
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
+end
+return {1, id .. ' ' .. seq}
+"""
+
+# KEYS: meta.  ARGV: epoch, kind, name, owner, created_ms.  Returns the (possibly existing) epoch.
+ENSURE_ROOM_LUA = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch then return epoch end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'kind', ARGV[2], 'name', ARGV[3],
+           'owner', ARGV[4], 'created', ARGV[5], 'seq', 0, 'last_id', '0-0')
+return ARGV[1]
+"""
+
+META_FIELDS = ("epoch", "kind", "name", "owner", "seq", "last_id")
+
+
+def new_epoch() -> str:
+    return secrets.token_urlsafe(6)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMeta:
+    room: RoomId
+    epoch: str
+    kind: str
+    name: str
+    owner: str
+    seq: int
+    last_id: StreamId
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    id: StreamId
+    seq: int
+    duplicate: bool
+
+    @property
+    def ts(self) -> int:
+        return int(self.id.partition("-")[0])
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RoomStreams:
+    """Room data access for one node. Never holds state of its own besides the script handles."""
+
+    def __init__(self, redis: Any, keys: Keys, *, maxlen: int, cmid_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+        self.cmid_ttl_s = cmid_ttl_s
+        self._append = redis.register_script(APPEND_LUA)
+        self._ensure = redis.register_script(ENSURE_ROOM_LUA)
+
+    async def ensure_room(self, room: str, kind: str, name: str, owner: str = "", created_ms: int = 0) -> str:
+        """Create the room's metadata (and epoch) if missing; returns the epoch in force."""
+        with unavailable_on_redis_errors("ensure_room"):
+            epoch = await self._ensure(
+                keys=[self.keys.room_meta(room)],
+                args=[new_epoch(), kind, name, owner, created_ms],
+            )
+        return _s(epoch)
+
+    async def meta(self, room: str) -> RoomMeta | None:
+        with unavailable_on_redis_errors("room_meta"):
+            values = await self.redis.hmget(self.keys.room_meta(room), META_FIELDS)
+        return self._meta(room, values)
+
+    async def metas(self, rooms: list[str]) -> dict[str, RoomMeta | None]:
+        """Metadata of many rooms in one pipeline (split per slot by the cluster client)."""
+        if not rooms:
+            return {}
+        with unavailable_on_redis_errors("room_meta"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.hmget(self.keys.room_meta(room), META_FIELDS)
+            results = await pipe.execute()
+        return {room: self._meta(room, values) for room, values in zip(rooms, results, strict=True)}
+
+    @staticmethod
+    def _meta(room: str, values: list[Any]) -> RoomMeta | None:
+        if not values or values[0] is None:
+            return None
+        epoch, kind, name, owner, seq, last_id = (_s(v) if v is not None else "" for v in values)
+        return RoomMeta(RoomId(room), epoch, kind or "open", name or room, owner,
+                        int(seq or 0), StreamId(last_id or "0-0"))
+
+    async def append(self, room: str, user: str, name: str, text: str, cmid: str | None,
+                     kind: str = "") -> Appended:
+        """Append one message; a repeated ``cmid`` returns the first result and appends nothing."""
+        keys = [
+            self.keys.room_stream(room),
+            self.keys.room_meta(room),
+            self.keys.room_cmid(room, user, cmid or "-"),
+        ]
+        with unavailable_on_redis_errors("append"):
+            status, payload = await self._append(
+                keys=keys,
+                args=[self.maxlen, user, name, text, cmid or "", kind, self.cmid_ttl_s],
+            )
+        if int(status) == -1:
+            raise NotFound("no such room")
+        sid, _, seq = _s(payload).partition(" ")
+        return Appended(StreamId(sid), int(seq), duplicate=int(status) == 0)
+
+    async def last_ids(self, rooms: list[str]) -> dict[str, StreamId]:
+        """The newest entry id of each room's stream (``0-0`` if empty), one pipeline."""
+        if not rooms:
+            return {}
+        with unavailable_on_redis_errors("last_id"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.xrevrange(self.keys.room_stream(room), "+", "-", count=1)
+            results = await pipe.execute()
+        out: dict[str, StreamId] = {}
+        for room, entries in zip(rooms, results, strict=True):
+            out[room] = StreamId(_s(entries[0][0])) if entries else StreamId("0-0")
+        return out
+
+    async def history(self, room: str, *, before: str | None, after: str | None,
+                      limit: int) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], bool]:
+        """A page of messages, oldest first, and whether more exist beyond it.
+
+        ``before``/``after`` are exclusive. Without either, the newest ``limit`` messages.
+        """
+        key = self.keys.room_stream(room)
+        with unavailable_on_redis_errors("history"):
+            if after is not None:
+                entries = await self.redis.xrange(key, "(" + after, "+", count=limit + 1)
+                more = len(entries) > limit
+                return entries[:limit], more
+            start = "(" + before if before is not None else "+"
+            entries = await self.redis.xrevrange(key, start, "-", count=limit + 1)
+        more = len(entries) > limit
+        page = entries[:limit]
+        page.reverse()
+        return page, more
+
+    async def replay_range(self, room: str, cursor: str, upto: str,
+                           limit: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries from ``cursor`` (inclusive, to prove continuity) up to ``upto`` (inclusive).
+
+        Returns at most ``limit + 2`` entries; :func:`node.resume.plan_replay` decides.
+        """
+        with unavailable_on_redis_errors("replay"):
+            return await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
