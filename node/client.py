@@ -256,6 +256,10 @@ class ChatClient:
                 if loop.time() >= deadline or self._closed is not None:
                     raise
                 await asyncio.sleep(0.01)
+            except ChatClientError as exc:
+                if exc.code not in ("rate_limited", "unavailable") or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.2 * (0.5 + random.random()))
 
     async def history(self, room: str, *, before: str | None = None, after: str | None = None,
                       limit: int = 50) -> dict[str, Any]:

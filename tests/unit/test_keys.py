@@ -1,0 +1,26 @@
+from redis.crc import key_slot
+
+from node.keys import Keys
+
+
+def test_all_keys_of_a_room_share_one_slot():
+    k = Keys(16)
+    for room in ["general", "dm:alice:bob", "r-0123456789"]:
+        slots = {key_slot(x.encode()) for x in [
+            k.room_stream(room), k.room_meta(room), k.room_members(room), k.room_cmid(room, "u", "c"),
+            k.room_online(room), k.room_typing(room), k.room_invites(room)]}
+        assert len(slots) == 1
+
+
+def test_rooms_spread_over_shards_and_streams_of_a_shard_share_a_slot():
+    k = Keys(16)
+    shards = {k.room_shard(f"r-{i:010d}") for i in range(500)}
+    assert shards == set(range(16))
+    same = [f"r-{i:010d}" for i in range(500) if k.room_shard(f"r-{i:010d}") == 3]
+    assert len({key_slot(k.room_stream(r).encode()) for r in same}) == 1
+
+
+def test_stream_room_inverts_room_stream():
+    k = Keys(16)
+    assert k.stream_room(k.room_stream("dm:a:b")) == "dm:a:b"
+    assert k.stream_room(k.room_meta("general")) is None
