@@ -8,6 +8,7 @@ unexpected into a bare 500. CORS is answered for the configured origins only.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatcluster.http")
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+STATIC_DIR = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -108,10 +110,32 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
+async def index(request: web.Request) -> web.StreamResponse:
+    page = STATIC_DIR / "index.html"
+    if not page.exists():
+        raise web.HTTPNotFound(reason="demo page not installed")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+async def client_config(request: web.Request) -> web.Response:
+    """What the browser library needs to find the WebSocket and show the right login."""
+    node = request.app[NODE_KEY]
+    s = node.settings
+    return json_response({
+        "auth": s.auth, "node": s.node_id, "ws_port": node.ws_port, "http_port": node.http_port,
+        "ws_path": "/ws", "limits": s.public_limits(),
+        "poll": {"min_ms": s.poll_min_ms, "max_ms": s.poll_max_ms, "decay": s.poll_decay,
+                 "unfocused_ms": s.poll_unfocused_ms},
+    })
+
+
 def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=node.settings.max_frame_bytes)
     app[NODE_KEY] = node
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    app.router.add_get("/api/v1/config", client_config)
+    app.router.add_static("/static/", STATIC_DIR, append_version=False)
     return app
