@@ -34,7 +34,9 @@ from .protocol import stream_id_tuple, ws_text_frame
 log = logging.getLogger("chatcluster.fanout")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
-Encoder = Callable[["Topic", str, dict[bytes, bytes]], bytes | None]
+# An encoder turns one stream entry into a frame payload, or (payload, user to skip) for events
+# that must not reach the author's own sessions (typing), or None to deliver nothing.
+Encoder = Callable[["Topic", str, dict[bytes, bytes]], "bytes | tuple[bytes, str] | None"]
 
 
 class Flusher:
@@ -67,22 +69,24 @@ class Sink:
     straight to the transport: every frame is whole and unfragmented, so they interleave safely
     with the control frames (ping/pong/close) the websockets library writes itself.
 
-    While ``holding`` (during the hello replay), live frames wait in ``held`` so that they go out
-    after the replay, in order.
+    While ``holding`` (during a replay), live frames wait in ``held`` so that they go out after
+    the replay, in order. Holds nest: frames are released when the last replay ends.
     """
 
     __slots__ = ("ws", "transport", "flusher", "limit", "pending", "pending_bytes", "holding",
-                 "held", "held_bytes", "closed", "on_overflow")
+                 "held", "held_bytes", "closed", "on_overflow", "owner", "session")
 
     def __init__(self, ws: Any, flusher: Flusher, limit: int,
                  on_overflow: Callable[[], None]) -> None:
+        self.owner = ""  # user id, set after hello
+        self.session = ""
         self.ws = ws
         self.transport = ws.transport
         self.flusher = flusher
         self.limit = limit
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self.holding = False
+        self.holding = 0
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.closed = False
@@ -117,11 +121,13 @@ class Sink:
             self.overflow()
 
     def hold(self) -> None:
-        self.holding = True
+        self.holding += 1
 
     def release(self) -> None:
-        """End the replay: held live frames follow whatever was queued with ``push_now``."""
-        self.holding = False
+        """End a replay: held live frames follow whatever was queued with ``push_now``."""
+        self.holding = max(0, self.holding - 1)
+        if self.holding:
+            return
         held, self.held, self.held_bytes = self.held, [], 0
         for frame in held:
             self.push(frame)
@@ -182,10 +188,18 @@ class Topic:
                 continue  # already delivered (the topic was re-created while a read was in flight)
             pos_t = sid_t
             self.pos = sid
-            payload = self.encoder(self, sid, fields)
-            if payload is None:
+            encoded = self.encoder(self, sid, fields)
+            if encoded is None:
                 continue
-            frame = ws_text_frame(payload)
+            if isinstance(encoded, tuple):
+                payload, skip = encoded
+                frame = ws_text_frame(payload)
+                for sink in self.sinks:
+                    if sink.owner != skip:
+                        sink.push(frame)
+                        delivered += 1
+                continue
+            frame = ws_text_frame(encoded)
             for sink in self.sinks:
                 sink.push(frame)
             delivered += len(self.sinks)
