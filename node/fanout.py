@@ -301,7 +301,8 @@ class Fanout:
 
     def __init__(self, settings: Any, redis: Any, flusher: Flusher,
                  make_reader_conn: Callable[[int], Any],
-                 on_epoch_check: Callable[[ShardReader], Any] | None = None) -> None:
+                 on_epoch_check: Callable[[ShardReader], Any] | None = None,
+                 ephemeral: Callable[[int], Topic] | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.flusher = flusher
@@ -311,6 +312,7 @@ class Fanout:
         self._tg: asyncio.TaskGroup | None = None
         self._ready = asyncio.Event()
         self._on_epoch_check = on_epoch_check
+        self._ephemeral = ephemeral  # builds a shard's ephemeral-events topic
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -341,18 +343,38 @@ class Fanout:
         topic = self.topics.get(key)
         if topic is not None:
             return topic, False
-        topic = Topic(key, shard, name, pos, encoder, epoch, kind)
-        self.topics[key] = topic
-        self.reader(shard).topics[key] = topic
-        return topic, True
+        return self.install(Topic(key, shard, name, pos, encoder, epoch, kind)), True
+
+    def install(self, topic: Topic) -> Topic:
+        """Register a topic built by the caller (a subclass); returns the one in force."""
+        existing = self.topics.get(topic.key)
+        if existing is not None:
+            return existing
+        self.topics[topic.key] = topic
+        reader = self.reader(topic.shard)
+        reader.topics[topic.key] = topic
+        if topic.kind == "room" and self._ephemeral is not None:
+            eph = self._ephemeral(topic.shard)
+            if eph.key not in reader.topics:
+                self.topics[eph.key] = eph
+                reader.topics[eph.key] = eph
+        return topic
 
     def unsubscribe(self, topic: Topic, sink: Sink) -> None:
         topic.sinks.discard(sink)
         if not topic.sinks and self.topics.get(topic.key) is topic:
-            del self.topics[topic.key]
-            reader = self.readers.get(topic.shard)
-            if reader is not None:
-                reader.topics.pop(topic.key, None)
+            self.remove(topic)
+
+    def remove(self, topic: Topic) -> None:
+        self.topics.pop(topic.key, None)
+        reader = self.readers.get(topic.shard)
+        if reader is None:
+            return
+        reader.topics.pop(topic.key, None)
+        if topic.kind == "room" and not any(t.kind == "room" for t in reader.topics.values()):
+            for key in [k for k, t in reader.topics.items() if t.kind == "ephemeral"]:
+                reader.topics.pop(key, None)
+                self.topics.pop(key, None)
 
     def dispatch(self, reader: ShardReader, result: list[Any]) -> None:
         """Deliver one XREAD result (runs synchronously: no socket is awaited)."""
