@@ -135,11 +135,11 @@ def _token(secret: str, user: str, exp_offset: float) -> str:
 
 
 async def test_jwt_mode_refuses_bad_tokens_with_4500(start_nodes):
-    secret = "s3cret-for-this-test"
+    secret = "s3cret-for-this-test-0123456789abcdef"
     (a,) = start_nodes(1, CHAT_AUTH="jwt", CHAT_JWT_SECRET=secret, CHAT_JWT_LEEWAY_S=0, **LIMITS)
     bad_hellos = [
         {"type": "hello", "token": "not.a.jwt"},
-        {"type": "hello", "token": _token("another-secret", "alice", 3600)},
+        {"type": "hello", "token": _token("another-secret-0123456789abcdef0123", "alice", 3600)},
         {"type": "hello", "token": _token(secret, "alice", -3600)},  # expired
         {"type": "hello", "token": _token(secret, "not a user id!", 3600)},
         {"type": "hello", "user": "alice"},  # dev-style hello: refused outside dev mode
