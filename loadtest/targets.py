@@ -1,0 +1,82 @@
+"""Server targets the benchmark can drive. Each starts one server process on a free port.
+
+A target is a name, a ``start`` that returns a running :class:`node.embedded.Proc` whose
+``info["ws_port"]`` is set, and the client dialect its clients speak (only ``"ws-json"``, the
+chatcluster protocol, so far; peers such as python-socketio or Node Socket.IO will bring their
+own dialect and client implementation in :mod:`loadtest.wsclient`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.embedded import READY_RE, Proc, _drain_in_background
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_ready_process(name: str, argv: list[str], env: Mapping[str, str], log_path: str | None,
+                        timeout: float = 30.0) -> Proc:
+    """Start ``argv`` in its own process group; return once it printed the READY line."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [full_env.get("PYTHONPATH"), str(REPO)]))
+    # `python -m` puts the working directory first on sys.path: run where `node` is the
+    # package under test (see --node-src in bench.py), not the working tree.
+    cwd = os.environ.get("CHATCLUSTER_BENCH_NODE_PATH", str(REPO))
+    popen = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, cwd=cwd,
+                             stderr=open(log_path, "ab") if log_path else None,
+                             start_new_session=True)
+    proc = Proc(name, popen)
+    deadline = time.monotonic() + timeout
+    assert popen.stdout is not None
+    while time.monotonic() < deadline:
+        line = popen.stdout.readline()
+        if not line:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{name} exited with {popen.returncode} before it was ready")
+            continue
+        match = READY_RE.search(line)
+        if match:
+            proc.info = {"node_id": match.group(1).decode(), "ws_port": match.group(2).decode(),
+                         "http_port": match.group(3).decode()}
+            _drain_in_background(popen)
+            return proc
+    proc.stop()
+    raise TimeoutError(f"{name} was not ready within {timeout}s")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    dialect: str
+    start: Callable[[str, int, str | None], Proc]  # (redis_url, shards, log_path) -> Proc
+
+
+def _start_ours(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    env = {
+        "CHAT_REDIS_URL": redis_url, "CHAT_AUTH": "dev", "CHAT_HOST": "127.0.0.1",
+        "CHAT_WS_PORT": "0", "CHAT_HTTP_PORT": "0", "CHAT_NODE_ID": "bench-node",
+        "CHAT_SHARDS": str(shards), "CHAT_LOG_LEVEL": "WARNING",
+    }
+    return start_ready_process("ours", [sys.executable, "-m", "node", "node"], env, log_path)
+
+
+def _start_naive(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    argv = [sys.executable, "-m", "loadtest.naive_server", "--redis-url", redis_url,
+            "--port", "0", "--shards", str(shards)]
+    return start_ready_process("naive", argv, {}, log_path)
+
+
+TARGETS: dict[str, Target] = {
+    "ours": Target("ours", "chatcluster node (python -m node node), dev auth, uvloop",
+                   "ws-json", _start_ours),
+    "naive": Target("naive", "loadtest/naive_server.py: websockets.broadcast() per message",
+                    "ws-json", _start_naive),
+}
