@@ -255,6 +255,8 @@ class ShardReader:
                         await self.fanout.on_reader_reconnect(self)
                     self.healthy = True
                 streams = {key: topic.pos for key, topic in self.topics.items()}
+                if not streams:
+                    continue  # the last topic went away while the connection was being opened
                 self.wake.clear()
                 self.inflight = frozenset(streams)
                 try:

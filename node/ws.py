@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatcluster.ws")
 
+# A client cut off for being slow gets this long to read up to its close frame (4002) before
+# its socket is aborted: its buffered frames are the memory the cut-off is meant to free.
+SLOW_CONSUMER_GRACE_S = 2.0
+
 
 class Connection:
     """State of one WebSocket connection; owned by :meth:`WsServer.handler`."""
@@ -54,16 +58,34 @@ class Connection:
         self.said_hello = False
         self.opened = time.monotonic()
 
-    def close_soon(self, code: int, reason: str) -> None:
-        """Start the closing handshake without waiting for it (safe from sync code)."""
+    def close_soon(self, code: int, reason: str, abort_after: float | None = None) -> None:
+        """Start the closing handshake without waiting for it (safe from sync code).
+
+        The close frame is written at once; if the handshake has not finished ``abort_after``
+        seconds later (default: just after the connection's close timeout), the socket is aborted.
+        """
         if self.close_task is None:
-            self.close_task = asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+            if abort_after is None:  # leave the normal case to websockets' own close timeout
+                abort_after = (self.ws.close_timeout or 10.0) + 1.0
+            grace = abort_after
+            self.close_task = asyncio.get_running_loop().create_task(self._close(code, reason, grace))
+
+    async def _close(self, code: int, reason: str, grace: float) -> None:
+        # websockets' close() first waits for the write buffer to drain, with no timeout: a
+        # client that never reads would keep its socket, its buffer and this handler forever.
+        try:
+            async with asyncio.timeout(grace):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            log.info("close handshake timed out, aborting", extra={"conn": self.id, "code": code})
+            self.ws.transport.abort()
 
 
 class WsServer:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.connections: set[Connection] = set()
+        self.by_sink: dict[Sink, Connection] = {}
 
     # -- handshake --------------------------------------------------------------------------
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -92,10 +114,11 @@ class WsServer:
         def overflow() -> None:
             if conn is not None:
                 log.info("slow consumer cut off", extra={"conn": conn.id})
-                conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer")
+                conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer", SLOW_CONSUMER_GRACE_S)
 
         conn = Connection(ws, Sink(ws, node.flusher, node.settings.outbound_buffer_bytes, overflow))
         self.connections.add(conn)
+        self.by_sink[conn.sub.sink] = conn
         METRICS.connections_accepted.inc()
         METRICS.connections_open.labels(transport="ws").inc()
         try:
@@ -108,6 +131,7 @@ class WsServer:
             conn.close_soon(CloseCodes.INTERNAL, "internal error")
         finally:
             self.connections.discard(conn)
+            self.by_sink.pop(conn.sub.sink, None)
             node.sessions.close_ws(conn.sub)
             if conn.caller is not None:
                 await node.session_ended(conn.caller)
@@ -171,6 +195,8 @@ class WsServer:
                 await ws.close(CloseCodes.UNAUTHORIZED, exc.message[:100])
                 return False
             conn.caller = Caller(identity, conn.id, "ws", {"conn": conn})
+            conn.sub.sink.owner = identity.user
+            conn.sub.sink.session = conn.id
             conn.bucket = TokenBucket(node.settings.rate_per_s, node.settings.rate_burst)
             try:
                 await node.session_started(conn.caller)
