@@ -1,0 +1,700 @@
+// The demo page: a small chat app on chatcluster.js, no framework.
+// URL parameters: ?compact=1 (narrow layout, for the widget's iframe), ?embed=1 (compact, and
+// takes its login from the parent page by postMessage), ?room=ID (room to open first),
+// ?user=ID&name=NAME (dev auth login). A JWT may be given as #token=... (never in the query).
+
+import { ChatClient, attachBadge, compareIds, dmPeer, userIdFromName } from "./chatcluster.js";
+
+const $ = (sel) => document.querySelector(sel);
+const params = new URLSearchParams(location.search);
+const embedded = params.has("embed") && window.parent !== window;
+const compact = params.has("compact") || params.has("embed");
+const LOGIN_KEY = "chatcluster:login";
+const ROOM_KEY = "chatcluster:room";
+
+let config = { auth: "dev" };
+let client = null;
+let current = null;
+let loadingOlder = false;
+const typers = new Map(); // user id -> {name, until}
+let lastTypingSent = 0;
+
+document.body.classList.toggle("compact", compact);
+
+// -- helpers -------------------------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== false && v != null) e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) if (c != null) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+function hue(s) {
+  let h = 0;
+  for (const ch of String(s)) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+function avatar(user) {
+  const name = (user && (user.name || user.id)) || "?";
+  const initials = name.split(/\s+/).map((w) => [...w][0] || "").join("").slice(0, 2).toUpperCase();
+  const a = el("span", { class: "avatar", "aria-hidden": "true" }, initials);
+  a.style.setProperty("--h", hue(user && user.id));
+  return a;
+}
+
+function time(ts) {
+  const d = new Date(ts || Date.now());
+  const now = new Date();
+  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return d.toDateString() === now.toDateString() ? hm : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${hm}`;
+}
+
+function roomLabel(r) {
+  if (!r) return "";
+  if (r.kind === "direct") return dmPeer(r.id, client.userId);
+  return r.name || r.id;
+}
+
+function roomIcon(r) {
+  return r.kind === "closed" ? "🔒" : r.kind === "direct" ? "" : "#";
+}
+
+function linkify(text) {
+  const frag = document.createDocumentFragment();
+  const re = /\bhttps?:\/\/[^\s<>"']+[^\s<>"'.,;:!?)\]]/g;
+  let last = 0;
+  for (const m of text.matchAll(re)) {
+    frag.append(text.slice(last, m.index));
+    frag.append(el("a", { href: m[0], target: "_blank", rel: "noopener noreferrer" }, m[0]));
+    last = m.index + m[0].length;
+  }
+  frag.append(text.slice(last));
+  return frag;
+}
+
+// -- toasts --------------------------------------------------------------------------------
+const ALERT_ICONS = { email: "✉️", call: "📞", voicemail: "📼", system: "⚙️", message: "💬", error: "⚠️", info: "ℹ️" };
+
+export function toast({ title, body, kind = "info", timeout = 6000, onclick }) {
+  const t = el("div", { class: `toast toast-${kind}`, role: "status", dataset: { kind } },
+    el("span", { class: "toast-icon", "aria-hidden": "true" }, ALERT_ICONS[kind] || "🔔"),
+    el("div", { class: "toast-main" },
+      el("strong", { class: "toast-title" }, title || ""),
+      body ? el("p", { class: "toast-body" }, body) : null),
+    el("button", { class: "toast-close", "aria-label": "Dismiss", onclick: (e) => { e.stopPropagation(); hide(); } }, "✕"));
+  if (onclick) t.addEventListener("click", () => { onclick(); hide(); });
+  $("#toasts").append(t);
+  requestAnimationFrame(() => requestAnimationFrame(() => t.classList.add("in")));
+  let gone = false;
+  function hide() {
+    if (gone) return;
+    gone = true;
+    t.classList.remove("in");
+    t.classList.add("out");
+    const remove = () => t.remove();
+    t.addEventListener("transitionend", remove, { once: true });
+    setTimeout(remove, 600);
+  }
+  setTimeout(hide, timeout);
+  return t;
+}
+
+// -- login -----------------------------------------------------------------------------------
+function savedLogin() {
+  if (params.get("user")) return { user: params.get("user"), name: params.get("name") || params.get("user") };
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.get("token")) return { token: hash.get("token") };
+  try { return JSON.parse(localStorage.getItem(LOGIN_KEY) || "null"); } catch { return null; }
+}
+
+function showLogin(error = "") {
+  $("#app").hidden = true;
+  $("#login").hidden = false;
+  const jwt = config.auth === "jwt";
+  for (const f of document.querySelectorAll("[data-mode]")) f.hidden = f.dataset.mode !== (jwt ? "jwt" : "dev");
+  $("#login-hint").textContent = jwt ? "Paste the access token your application gave you."
+    : "Development mode: pick any name to join.";
+  $("#login-error").textContent = error;
+  (jwt ? $("#login-token") : $("#login-name")).focus();
+}
+
+$("#login-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  let login;
+  if (config.auth === "jwt") {
+    const token = $("#login-token").value.trim();
+    if (!token) return;
+    login = { token };
+  } else {
+    const name = $("#login-name").value.trim();
+    if (!name) return;
+    login = { user: userIdFromName(name), name };
+  }
+  localStorage.setItem(LOGIN_KEY, JSON.stringify(login));
+  start(login);
+});
+
+$("#logout").addEventListener("click", () => {
+  localStorage.removeItem(LOGIN_KEY);
+  if (client) client.close();
+  client = null;
+  showLogin();
+});
+
+// -- start -----------------------------------------------------------------------------------
+async function start(login) {
+  if (client) client.close();
+  try {
+    client = new ChatClient(login);
+  } catch (err) {
+    showLogin(err.message);
+    return;
+  }
+  window.chat = client; // handy in the console, and for the tests
+  $("#login").hidden = true;
+  $("#app").hidden = false;
+  $("#me-name").textContent = client.user.name;
+  $("#me-avatar").replaceWith(Object.assign(avatar(client.user), { id: "me-avatar" }));
+  bindClient(client);
+  await client.start();
+  if (!compact) attachBadge(client, { title: "chatcluster" });
+  renderNodeInfo();
+}
+
+function bindClient(c) {
+  c.on("sync", () => { if (c === client) { renderAll(); } });
+  c.on("rooms", () => { renderRooms(); renderHeader(); });
+  c.on("unread", renderRooms);
+  c.on("status", renderStatus);
+  c.on("outbox", () => { if (c === client) renderMessages(); });
+  c.on("message", onMessage);
+  c.on("typing", onTyping);
+  c.on("presence", (p) => { renderRooms(); if (p.room === current) { renderHeader(); if (!$("#people").hidden) loadPeople(); } });
+  c.on("room", onRoomEvent);
+  c.on("reset", (e) => { if (e.room === current) openRoom(current); });
+  c.on("notify", onNotify);
+  c.on("focus", () => { if (current) client.markRead(current); });
+  c.on("stopped", (e) => {
+    if (e.code === 4500) {
+      localStorage.removeItem(LOGIN_KEY);
+      showLogin("Your session is no longer valid; please sign in again.");
+    } else {
+      toast({ kind: "error", title: "Disconnected", body: `The server closed the connection (${e.code}). Reload to reconnect.`, timeout: 15000 });
+    }
+  });
+}
+
+function renderAll() {
+  $("#me-name").textContent = client.user.name || client.user.id;
+  if (!current || !client.rooms.has(current)) {
+    const wanted = params.get("room") || localStorage.getItem(ROOM_KEY);
+    current = client.rooms.has(wanted) ? wanted : client.rooms.has("general") ? "general" : client.rooms.keys().next().value || null;
+    if (current) openRoom(current);
+  } else {
+    renderMessages();
+    ensureMessages(current);
+  }
+  renderRooms();
+  renderHeader();
+  renderStatus();
+}
+
+function renderNodeInfo() {
+  if (!client || !client.config) return;
+  $("#node-info").textContent = `node ${client.config.node || "?"} · ${client.config.auth} auth`;
+}
+
+function renderStatus() {
+  if (!client) return;
+  const s = $("#status");
+  s.dataset.status = client.status;
+  s.dataset.transport = client.transport || "";
+  s.dataset.leader = client.isLeader ? "1" : "0";
+  const text = {
+    idle: "Starting…", connecting: "Connecting…", online: "Online", polling: "Online (polling)",
+    offline: "Reconnecting…", stopped: "Disconnected",
+  }[client.status] || client.status;
+  $("#status-text").textContent = text;
+}
+
+// -- rooms -----------------------------------------------------------------------------------
+function sortedRooms() {
+  return [...client.rooms.values()].sort((a, b) => {
+    if (a.id === "general") return -1;
+    if (b.id === "general") return 1;
+    return roomLabel(a).localeCompare(roomLabel(b));
+  });
+}
+
+function peerOnline(r) {
+  const peer = dmPeer(r.id, client.userId);
+  const p = client.presence.get(r.id);
+  if (p && p.has(peer)) return p.get(peer) === "online";
+  return (r.online || 0) >= 2;
+}
+
+function renderRooms() {
+  if (!client) return;
+  const rooms = $("#room-list");
+  const dms = $("#dm-list");
+  rooms.replaceChildren();
+  dms.replaceChildren();
+  let total = 0;
+  for (const r of sortedRooms()) {
+    total += r.unread || 0;
+    const direct = r.kind === "direct";
+    const li = el("li", {},
+      el("button", {
+        class: `room${r.id === current ? " active" : ""}${r.unread ? " has-unread" : ""}`,
+        dataset: { room: r.id }, onclick: () => openRoom(r.id),
+      },
+      direct ? el("span", { class: "dm-avatar" }, avatar({ id: dmPeer(r.id, client.userId), name: roomLabel(r) }),
+        el("i", { class: `dot ${peerOnline(r) ? "on" : "off"}`, title: peerOnline(r) ? "online" : "offline" }))
+        : el("span", { class: "room-icon" }, roomIcon(r)),
+      el("span", { class: "room-name" }, roomLabel(r)),
+      !direct && r.online ? el("span", { class: "room-online", title: `${r.online} online` }, el("i", { class: "dot on" })) : null,
+      r.unread ? el("span", { class: "badge", title: `${r.unread} unread` }, r.unread > 99 ? "99+" : r.unread) : null));
+    (direct ? dms : rooms).append(li);
+  }
+  if (!dms.children.length) dms.append(el("li", { class: "muted empty" }, "No conversations yet"));
+  const other = total - ((client.rooms.get(current) || {}).unread || 0);
+  $("#menu-badge").hidden = other <= 0;
+  $("#menu-badge").textContent = other > 99 ? "99+" : other;
+  if (embedded) parent.postMessage({ type: "chatcluster:unread", count: total }, "*");
+}
+
+function renderHeader() {
+  const r = client && client.rooms.get(current);
+  if (!r) return;
+  $("#room-name").textContent = `${roomIcon(r)} ${roomLabel(r)}`.trim();
+  const kind = { general: "Everyone", open: "Open room", closed: "Private room", direct: "Direct message" }[r.kind] || "";
+  $("#room-sub").textContent = r.kind === "direct" ? (peerOnline(r) ? "online" : "offline")
+    : `${kind} · ${r.members || 0} member${r.members === 1 ? "" : "s"}`;
+  $("#online-count").textContent = r.online || 0;
+  $("#invite-btn").hidden = r.kind === "general" || r.kind === "direct";
+  $("#leave-btn").hidden = r.kind === "general" || r.kind === "direct";
+  $("#input").placeholder = r.kind === "direct" ? `Message ${roomLabel(r)}` : `Message #${roomLabel(r)}`;
+}
+
+function openRoom(id) {
+  if (!client.rooms.has(id)) return;
+  current = id;
+  localStorage.setItem(ROOM_KEY, id);
+  typers.clear();
+  renderTyping();
+  renderRooms();
+  renderHeader();
+  renderMessages(true);
+  ensureMessages(id);
+  client.markRead(id);
+  document.body.classList.remove("drawer-open");
+  if (!$("#people").hidden) loadPeople();
+}
+
+/** Fetch what the room needs on first view; cached messages are never fetched again. */
+async function ensureMessages(id) {
+  const r = client.rooms.get(id);
+  const list = client.messages(id);
+  try {
+    if (!list.length && r && r.last_id && r.last_id !== "0-0") await client.loadLatest(id);
+    else if (list.length && list.length < 30 && r && r.more === undefined) await client.loadOlder(id);
+    else return;
+  } catch (err) {
+    if (err.code !== "timeout") toast({ kind: "error", title: "Couldn't load messages", body: err.detail || err.message });
+    return;
+  }
+  if (id === current) {
+    renderMessages(true);
+    client.markRead(id);
+  }
+}
+
+async function loadOlder() {
+  if (loadingOlder || !current) return;
+  const r = client.rooms.get(current);
+  if (r && r.more === false) return;
+  loadingOlder = true;
+  const scroller = $("#scroller");
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  try {
+    await client.loadOlder(current);
+    renderMessages();
+    scroller.scrollTop = scroller.scrollHeight - fromBottom;
+  } catch (err) {
+    toast({ kind: "error", title: "Couldn't load older messages", body: err.detail || err.message });
+  } finally {
+    loadingOlder = false;
+  }
+}
+
+$("#load-older").addEventListener("click", loadOlder);
+$("#scroller").addEventListener("scroll", () => {
+  const s = $("#scroller");
+  if (s.scrollTop < 40 && client && client.messages(current).length) loadOlder();
+  if (atBottom()) $("#new-pill").hidden = true;
+}, { passive: true });
+$("#new-pill").addEventListener("click", () => { scrollToBottom(); $("#new-pill").hidden = true; });
+
+function onRoomEvent(ev) {
+  const r = ev.room || {};
+  if (ev.change === "added" && r.kind !== "direct") {
+    toast({ kind: "info", title: `You were added to #${r.name || r.id}`, onclick: () => openRoom(r.id) });
+  }
+  if (ev.change === "removed" && r.id === current) openRoom("general");
+  if (ev.recovered === false && r.id === current) openRoom(current);
+}
+
+// -- messages ----------------------------------------------------------------------------------
+function atBottom() {
+  const s = $("#scroller");
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 60;
+}
+
+function scrollToBottom() {
+  const s = $("#scroller");
+  s.scrollTop = s.scrollHeight;
+}
+
+function messageItem(m, prev, pending = false) {
+  const mine = m.from && m.from.id === client.userId;
+  const continued = prev && !prev.local && prev.from && m.from && prev.from.id === m.from.id && prev.kind !== "system"
+    && m.kind !== "system" && (m.ts || 0) - (prev.ts || 0) < 5 * 60 * 1000;
+  if (m.kind === "system" || m.local) {
+    return el("li", { class: `msg system${m.local ? " local" : ""}`, dataset: { id: m.id || "" } },
+      el("div", { class: "text" }, linkify(m.text)));
+  }
+  return el("li", {
+    class: `msg${mine ? " mine" : ""}${continued ? " continued" : ""}${pending ? " pending" : ""}`,
+    dataset: pending ? { cmid: m.cmid } : { id: m.id, cmid: m.cmid || "" },
+  },
+  continued ? el("span", { class: "gutter" }) : avatar(m.from),
+  el("div", { class: "body" },
+    continued ? null : el("div", { class: "meta" },
+      el("strong", { class: "author" }, (m.from && (m.from.name || m.from.id)) || "?"),
+      el("time", { datetime: new Date(m.ts || Date.now()).toISOString() }, time(m.ts))),
+    el("div", { class: "text" }, linkify(m.text)),
+    pending ? el("span", { class: "sending" }, "sending…") : null));
+}
+
+const localNotes = new Map(); // room -> notes shown after the messages (text command output)
+
+function renderMessages(scroll = false) {
+  if (!client || !current) return;
+  const stick = scroll || atBottom();
+  const ol = $("#messages");
+  const list = client.messages(current);
+  const items = [];
+  let prev = null;
+  for (const m of list) {
+    items.push(messageItem(m, prev));
+    prev = m;
+  }
+  const ids = new Set(list.map((m) => m.cmid).filter(Boolean));
+  for (const m of client.pending(current)) {
+    if (ids.has(m.cmid)) continue;
+    items.push(messageItem({ ...m, from: client.user }, prev, true));
+    prev = { ...m, from: client.user };
+  }
+  for (const n of localNotes.get(current) || []) items.push(messageItem(n, null));
+  ol.replaceChildren(...items);
+  const r = client.rooms.get(current);
+  const more = !r || r.more !== false;
+  $("#load-older").hidden = !more || !list.length;
+  $("#history-start").hidden = more;
+  if (stick) scrollToBottom();
+}
+
+function onMessage(m) {
+  typers.delete(m.from && m.from.id);
+  renderTyping();
+  renderRooms();
+  if (m.room !== current) return;
+  const stick = atBottom() || (m.from && m.from.id === client.userId);
+  renderMessages();
+  if (stick) scrollToBottom();
+  else $("#new-pill").hidden = false;
+  if (client.focused()) client.markRead(current, m.id);
+}
+
+function onNotify(ev) {
+  if (ev.type === "alert") {
+    toast({ kind: ev.kind || "system", title: ev.title || "Alert", body: ev.body || "", timeout: 8000 });
+  } else if (ev.type === "message" && ev.room !== current) {
+    const r = client.rooms.get(ev.room);
+    const where = r && r.kind === "direct" ? "" : ` in #${roomLabel(r) || ev.room}`;
+    toast({ kind: "message", title: `${ev.from.name || ev.from.id}${where}`, body: ev.text.slice(0, 140), onclick: () => openRoom(ev.room) });
+  }
+}
+
+// -- typing ----------------------------------------------------------------------------------
+function onTyping(t) {
+  if (t.room !== current || !t.user || t.user.id === client.userId) return;
+  typers.set(t.user.id, { name: t.user.name || t.user.id, until: Date.now() + (client.limits.typing_ttl_ms || 6000) });
+  renderTyping();
+  setTimeout(renderTyping, (client.limits.typing_ttl_ms || 6000) + 50);
+}
+
+function renderTyping() {
+  const now = Date.now();
+  const names = [];
+  for (const [id, t] of typers) {
+    if (t.until < now) typers.delete(id);
+    else names.push(t.name);
+  }
+  const box = $("#typing");
+  if (!names.length) { box.replaceChildren(); box.classList.remove("on"); return; }
+  const who = names.length === 1 ? `${names[0]} is` : names.length === 2 ? `${names[0]} and ${names[1]} are` : "Several people are";
+  box.replaceChildren(el("span", { class: "dots" }, el("i"), el("i"), el("i")), ` ${who} typing…`);
+  box.classList.add("on");
+}
+
+// -- composer and text commands ------------------------------------------------------------------
+const input = $("#input");
+input.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("#composer").requestSubmit();
+  }
+});
+input.addEventListener("input", () => {
+  input.style.height = "auto";
+  input.style.height = Math.min(input.scrollHeight, 160) + "px";
+  const now = Date.now();
+  if (client && current && input.value && !input.value.startsWith("/") && now - lastTypingSent > (client.limits.typing_interval_ms || 3000)) {
+    lastTypingSent = now;
+    client.typing(current);
+  }
+});
+
+$("#composer").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const text = input.value.trim();
+  if (!text || !client || !current) return;
+  input.value = "";
+  input.style.height = "auto";
+  lastTypingSent = 0;
+  if (text.startsWith("/") && !text.startsWith("//")) {
+    await textCommand(text);
+    return;
+  }
+  const room = current;
+  try {
+    const p = client.send(room, text.startsWith("//") ? text.slice(1) : text);
+    renderMessages(true);
+    await p;
+  } catch (err) {
+    toast({ kind: "error", title: "Message not sent", body: err.detail || err.message });
+    renderMessages();
+  }
+});
+
+function note(text, room = current) {
+  const notes = localNotes.get(room) || [];
+  notes.push({ local: true, text, ts: Date.now() });
+  localNotes.set(room, notes.slice(-5));
+  renderMessages(true);
+}
+
+async function resolveRoom(arg) {
+  if (client.rooms.has(arg)) return arg;
+  const name = arg.replace(/^#/, "").toLowerCase();
+  for (const r of client.rooms.values()) if ((r.name || "").toLowerCase() === name) return r.id;
+  const { rooms = [] } = await client.listRooms(name);
+  const hit = rooms.find((r) => (r.name || "").toLowerCase() === name || r.id === arg);
+  return hit ? hit.id : arg;
+}
+
+/** `/who`, `/rooms`, `/join ROOM`, `/where USER`: commands, never sent as messages. */
+async function textCommand(text) {
+  const [cmd, ...rest] = text.slice(1).split(/\s+/);
+  const arg = rest.join(" ").trim();
+  try {
+    switch (cmd.toLowerCase()) {
+      case "who": {
+        const d = await client.who(current);
+        const names = (d.online || []).map((u) => (typeof u === "string" ? u : u.name || u.id));
+        note(`Online here (${d.count ?? names.length}): ${names.join(", ") || "nobody"}`);
+        break;
+      }
+      case "rooms": {
+        const d = await client.listRooms(arg || undefined);
+        const list = (d.rooms || []).map((r) => `${roomIcon(r)}${roomLabel(r)} (${r.online || 0}/${r.members || 0})`);
+        note(`Rooms: ${list.join(", ") || "none"}`);
+        break;
+      }
+      case "join": {
+        if (!arg) { note("Usage: /join ROOM"); break; }
+        const id = await resolveRoom(arg);
+        const d = await client.join(id);
+        openRoom((d.room && d.room.id) || id);
+        break;
+      }
+      case "where": {
+        if (!arg) { note("Usage: /where USER"); break; }
+        const d = await client.where(arg);
+        const rooms = (d.rooms || []).map((r) => (typeof r === "string" ? r : roomLabel(r))).join(", ");
+        note(d.online ? `${arg} is online${rooms ? ` in ${rooms}` : ""}.`
+          : `${arg} is offline${d.last_seen ? `, last seen ${time(d.last_seen)}` : ""}${rooms ? `; rooms: ${rooms}` : ""}.`);
+        break;
+      }
+      default:
+        note(`Unknown command /${cmd}. Try /who, /rooms, /join ROOM or /where USER (start with // to send a slash).`);
+    }
+  } catch (err) {
+    note(`/${cmd}: ${err.detail || err.message}`);
+  }
+}
+
+// -- who's here ----------------------------------------------------------------------------------
+async function loadPeople() {
+  const ul = $("#people-list");
+  try {
+    const d = await client.who(current, 100);
+    const items = (d.online || []).map((u) => {
+      const user = typeof u === "string" ? { id: u, name: u } : u;
+      return el("li", {}, avatar(user), el("span", { class: "person" }, user.name || user.id, el("small", { class: "muted" }, user.id)),
+        el("i", { class: "dot on" }),
+        user.id !== client.userId ? el("button", { class: "btn soft small", onclick: () => startDm(user.id) }, "Message") : null);
+    });
+    ul.replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "Nobody else is here.")]));
+  } catch (err) {
+    ul.replaceChildren(el("li", { class: "muted" }, `Unavailable: ${err.detail || err.message}`));
+  }
+}
+
+$("#who-btn").addEventListener("click", () => {
+  const p = $("#people");
+  p.hidden = !p.hidden;
+  if (!p.hidden) loadPeople();
+});
+$("#people-close").addEventListener("click", () => { $("#people").hidden = true; });
+
+// -- dialogs ---------------------------------------------------------------------------------------
+function dialog(title, fields, submitLabel, onSubmit) {
+  const d = $("#dialog");
+  const form = $("#dialog-form");
+  const error = el("p", { class: "error" });
+  form.replaceChildren(el("h2", {}, title), ...fields, error,
+    el("div", { class: "dialog-actions" },
+      el("button", { class: "btn ghost", value: "cancel", formnovalidate: true }, "Cancel"),
+      submitLabel ? el("button", { class: "btn primary", value: "ok" }, submitLabel) : null));
+  form.onsubmit = async (e) => {
+    if (e.submitter && e.submitter.value === "cancel") return;
+    e.preventDefault();
+    try {
+      await onSubmit(new FormData(form));
+      d.close();
+    } catch (err) {
+      error.textContent = err.detail || err.message;
+    }
+  };
+  d.showModal();
+  const first = form.querySelector("input");
+  if (first) first.focus();
+}
+
+const field = (label, attrs) => el("label", { class: "field" }, el("span", {}, label), el("input", attrs));
+
+$("#new-room").addEventListener("click", () => dialog("Create a room", [
+  field("Name", { name: "name", required: true, maxlength: 80, placeholder: "e.g. design-review" }),
+  el("fieldset", { class: "choice" }, el("legend", {}, "Who can join"),
+    el("label", {}, el("input", { type: "radio", name: "visibility", value: "open", checked: true }), " Anyone (open)"),
+    el("label", {}, el("input", { type: "radio", name: "visibility", value: "closed" }), " Invited people only (closed)")),
+  field("Members (optional, comma separated user ids)", { name: "members", placeholder: "bob, carol" }),
+], "Create", async (f) => {
+  const members = String(f.get("members") || "").split(/[\s,]+/).filter(Boolean);
+  const d = await client.createRoom(String(f.get("name")).trim(), f.get("visibility"), members);
+  if (d.room) openRoom(d.room.id);
+}));
+
+async function startDm(user) {
+  const d = await client.dm(user);
+  $("#people").hidden = true;
+  if (d.room) openRoom(d.room.id);
+}
+
+$("#new-dm").addEventListener("click", () => dialog("Direct message", [
+  field("User id", { name: "user", required: true, pattern: "[A-Za-z0-9_.@\\-]{1,64}", placeholder: "bob" }),
+], "Start", (f) => startDm(String(f.get("user")).trim())));
+
+$("#invite-btn").addEventListener("click", () => {
+  const r = client.rooms.get(current);
+  dialog(`Invite to #${roomLabel(r)}`, [
+    field("User id", { name: "user", required: true, pattern: "[A-Za-z0-9_.@\\-]{1,64}", placeholder: "bob" }),
+  ], "Invite", async (f) => {
+    const user = String(f.get("user")).trim();
+    await client.invite(current, user);
+    toast({ kind: "info", title: `Invited ${user}`, timeout: 3000 });
+  });
+});
+
+$("#leave-btn").addEventListener("click", async () => {
+  const r = client.rooms.get(current);
+  if (!r || !confirm(`Leave #${roomLabel(r)}?`)) return;
+  try {
+    await client.leave(current);
+    openRoom("general");
+  } catch (err) {
+    toast({ kind: "error", title: "Couldn't leave", body: err.detail || err.message });
+  }
+});
+
+$("#browse").addEventListener("click", async () => {
+  const list = el("ul", { class: "browse-list" }, el("li", { class: "muted" }, "Loading…"));
+  dialog("Browse rooms", [list], null, async () => {});
+  try {
+    const d = await client.listRooms();
+    const rows = (d.rooms || []).filter((r) => r.kind !== "direct").map((r) => el("li", {},
+      el("span", { class: "room-icon" }, roomIcon(r)), el("span", { class: "room-name" }, roomLabel(r)),
+      el("small", { class: "muted" }, `${r.members || 0} members · ${r.online || 0} online`),
+      client.rooms.has(r.id)
+        ? el("button", { class: "btn ghost small", type: "button", onclick: () => { $("#dialog").close(); openRoom(r.id); } }, "Open")
+        : el("button", { class: "btn primary small", type: "button", onclick: async () => {
+          try { await client.join(r.id); $("#dialog").close(); openRoom(r.id); } catch (err) { toast({ kind: "error", title: "Couldn't join", body: err.detail || err.message }); }
+        } }, "Join")));
+    list.replaceChildren(...(rows.length ? rows : [el("li", { class: "muted" }, "No rooms yet. Create one!")]));
+  } catch (err) {
+    list.replaceChildren(el("li", { class: "muted" }, `Unavailable: ${err.detail || err.message}`));
+  }
+});
+
+// -- phone drawer --------------------------------------------------------------------------------
+$("#menu").addEventListener("click", () => document.body.classList.toggle("drawer-open"));
+$("#scrim").addEventListener("click", () => document.body.classList.remove("drawer-open"));
+
+// -- embedding -------------------------------------------------------------------------------------
+if (embedded) {
+  addEventListener("message", (e) => {
+    const d = e.data;
+    if (e.source !== window.parent || !d || d.type !== "chatcluster:login") return;
+    const login = d.token ? { token: d.token } : d.user ? { user: d.user, name: d.name || d.user } : null;
+    if (!login) return;
+    if (client && (client.token === login.token && (login.token || client.userId === login.user))) return;
+    localStorage.setItem(LOGIN_KEY, JSON.stringify(login));
+    start(login);
+  });
+}
+
+// -- boot ------------------------------------------------------------------------------------------
+(async function boot() {
+  try {
+    config = await (await fetch("/api/v1/config", { cache: "no-store" })).json();
+  } catch {
+    config = { auth: "dev" };
+  }
+  const login = savedLogin();
+  if (embedded) parent.postMessage({ type: "chatcluster:ready" }, "*");
+  if (login && (login.token || login.user)) start(login);
+  else if (!embedded) showLogin();
+  else showLogin("Waiting for the host page to sign you in…");
+})();
+
+// Keep the typing line fresh and the unread marker right when the tab comes back.
+setInterval(renderTyping, 1000);
+export { compareIds };
