@@ -267,6 +267,8 @@ class Fanout:
             "latency_samples": len(lat), "latency_expected": expected,
             "node_cpu_s": node_cpu,
             "node_cpu_util": node_cpu / duration,
+            "node_sys_share": cpu["node_sys"] / node_cpu if node_cpu > 0 else 0.0,
+            "clients_sys_share": cpu["clients_sys"] / cpu["clients"] if cpu["clients"] > 0 else 0.0,
             "node_cpu_us_per_delivery": (node_cpu / frames * 1e6) if frames else None,
             "deliveries_per_node_cpu_s": (frames / node_cpu) if node_cpu > 0 else None,
             "redis_cpu_util": cpu["redis"] / duration,
@@ -448,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--shards", type=int, default=16)
         p.add_argument("--json", help="write the results here as JSON")
         p.add_argument("--logdir", help="server logs (default: a temp dir)")
+        p.add_argument("--patched-src", help="directory with a patched `node` package, for the "
+                       "'patched' target")
+        p.add_argument("--patched-env", default="", help="K=V,K=V settings for the 'patched' target")
         p.add_argument("--node-src", default="git:HEAD",
                        help="node code to benchmark: git:REF (default git:HEAD, a clean export "
                             "of that commit), '.' (the working tree) or a directory")
@@ -486,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         if t not in TARGETS:
             raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+    if args.patched_src:
+        os.environ["CHATCLUSTER_BENCH_PATCHED_SRC"] = os.path.abspath(args.patched_src)
+    os.environ["CHATCLUSTER_BENCH_PATCHED_ENV"] = args.patched_env
     logdir = args.logdir or tempfile.mkdtemp(prefix="chatcluster-bench-")
     command = "python loadtest/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = machine_info()

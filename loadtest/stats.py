@@ -9,15 +9,17 @@ from typing import Any
 import psutil
 
 
-def _proc_cpu(pids: list[int]) -> float:
-    total = 0.0
+def _proc_cpu(pids: list[int]) -> tuple[float, float]:
+    """(user + system, system) CPU seconds of ``pids``."""
+    total = system = 0.0
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
+            system += t.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return total, system
 
 
 def _machine_busy() -> float:
@@ -37,7 +39,9 @@ class CpuSampler:
         self.start_values: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        out = {name: _proc_cpu(pids) for name, pids in self.groups.items()}
+        out: dict[str, float] = {}
+        for name, pids in self.groups.items():
+            out[name], out[name + "_sys"] = _proc_cpu(pids)
         out["machine_busy"] = _machine_busy()
         return out
 
@@ -72,7 +76,7 @@ def _f(v: Any, nd: int = 1) -> str:
 def one_line(r: dict[str, Any]) -> str:
     return (f"{r['target']:>5} rate {r['rate_msgs']:>6.0f}/s: {r['deliveries_per_s']:>9,.0f} del/s "
             f"({r['deliveries_per_s'] / r['offered_deliveries_per_s']:.1%}), node CPU "
-            f"{r['node_cpu_util']:.0%}, {_f(r['deliveries_per_node_cpu_s'], 0)} del/CPU-s, "
+            f"{r['node_cpu_util']:.0%} (sys {r['node_sys_share']:.0%}), {_f(r['deliveries_per_node_cpu_s'], 0)} del/CPU-s, "
             f"p50/p99/p99.9 {_f(r['p50_ms'], 2)}/{_f(r['p99_ms'], 2)}/{_f(r['p999_ms'], 2)} ms, "
             f"gen CPU {r['generator_cpu_util']:.0%} redis {r['redis_cpu_util']:.0%} other "
             f"{r['other_cpu_util']:.0%} {'OK' if r['kept_up'] else 'BEHIND'}")

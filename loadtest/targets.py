@@ -22,13 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def start_ready_process(name: str, argv: list[str], env: Mapping[str, str], log_path: str | None,
-                        timeout: float = 30.0) -> Proc:
+                        timeout: float = 30.0, src: str | None = None) -> Proc:
     """Start ``argv`` in its own process group; return once it printed the READY line."""
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [full_env.get("PYTHONPATH"), str(REPO)]))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, full_env.get("PYTHONPATH"), str(REPO)]))
     # `python -m` puts the working directory first on sys.path: run where `node` is the
     # package under test (see --node-src in bench.py), not the working tree.
-    cwd = os.environ.get("CHATCLUSTER_BENCH_NODE_PATH", str(REPO))
+    cwd = src or os.environ.get("CHATCLUSTER_BENCH_NODE_PATH", str(REPO))
     popen = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, cwd=cwd,
                              stderr=open(log_path, "ab") if log_path else None,
                              start_new_session=True)
@@ -59,13 +59,32 @@ class Target:
     start: Callable[[str, int, str | None], Proc]  # (redis_url, shards, log_path) -> Proc
 
 
-def _start_ours(redis_url: str, shards: int, log_path: str | None) -> Proc:
-    env = {
+def _ours_env(redis_url: str, shards: int) -> dict[str, str]:
+    return {
         "CHAT_REDIS_URL": redis_url, "CHAT_AUTH": "dev", "CHAT_HOST": "127.0.0.1",
         "CHAT_WS_PORT": "0", "CHAT_HTTP_PORT": "0", "CHAT_NODE_ID": "bench-node",
         "CHAT_SHARDS": str(shards), "CHAT_LOG_LEVEL": "WARNING",
     }
-    return start_ready_process("ours", [sys.executable, "-m", "node", "node"], env, log_path)
+
+
+def _start_ours(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    return start_ready_process("ours", [sys.executable, "-m", "node", "node"],
+                               _ours_env(redis_url, shards), log_path)
+
+
+def _start_patched(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    """A node from another source tree (``CHATCLUSTER_BENCH_PATCHED_SRC``, set by
+    ``bench.py --patched-src DIR``), to measure a proposed change against ``ours`` in one run.
+    Extra ``CHAT_*`` settings for it come from ``CHATCLUSTER_BENCH_PATCHED_ENV`` (``K=V,K=V``)."""
+    src = os.environ.get("CHATCLUSTER_BENCH_PATCHED_SRC")
+    if not src:
+        raise SystemExit("target 'patched' needs --patched-src DIR")
+    env = _ours_env(redis_url, shards)
+    for item in filter(None, os.environ.get("CHATCLUSTER_BENCH_PATCHED_ENV", "").split(",")):
+        k, _, v = item.partition("=")
+        env[k.strip()] = v.strip()
+    return start_ready_process("patched", [sys.executable, "-m", "node", "node"], env, log_path,
+                               src=os.path.abspath(src))
 
 
 def _start_naive(redis_url: str, shards: int, log_path: str | None) -> Proc:
@@ -77,6 +96,8 @@ def _start_naive(redis_url: str, shards: int, log_path: str | None) -> Proc:
 TARGETS: dict[str, Target] = {
     "ours": Target("ours", "chatcluster node (python -m node node), dev auth, uvloop",
                    "ws-json", _start_ours),
+    "patched": Target("patched", "chatcluster node from --patched-src (a proposed change)",
+                      "ws-json", _start_patched),
     "naive": Target("naive", "loadtest/naive_server.py: websockets.broadcast() per message",
                     "ws-json", _start_naive),
 }
