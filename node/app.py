@@ -8,6 +8,7 @@ objects built here and passed the node; nothing is global but the metrics regist
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 from websockets.asyncio.server import serve
 
@@ -22,19 +24,25 @@ from . import __version__, redisio
 from .auth import Identity
 from .commands import Caller, Commands
 from .config import Settings
-from .errors import NotFound
+from .ephemeral import Ephemeral, EphemeralTopic, start_position
+from .errors import ChatError, NotFound
 from .fanout import Fanout, Flusher, ShardReader, Topic
 from .http import build_app
 from .keys import GENERAL, Keys, UserId
 from .metrics import METRICS
-from .protocol import dumps, message_event, ws_text_frame
+from .personal import PersonalStreams, PersonalTopic, personal_payload
+from .presence import Presence
+from .protocol import dumps, message_event, parse_cursor, stream_id_tuple, ws_text_frame
 from .rooms import Rooms
 from .session import Sessions, Subscription, room_summary
 from .streams import Appended, RoomMeta, RoomStreams
-from .unread import unread_count
+from .unread import ReadMarkers, unread_count
 from .ws import WsServer
 
 log = logging.getLogger("chatcluster.node")
+
+ONLINE_CACHE_S = 5.0
+PRESENCE_COUNT_INTERVAL_S = 10.0
 
 
 class Node:
@@ -45,6 +53,10 @@ class Node:
         self.streams = RoomStreams(self.redis, self.keys, maxlen=settings.history_maxlen,
                                    cmid_ttl_s=settings.cmid_ttl_s)
         self.rooms = Rooms(self.redis, self.keys, self.streams)
+        self.presence = Presence(self.redis, self.keys, settings.presence_ttl)
+        self.personal = PersonalStreams(self.redis, self.keys, settings.personal_maxlen)
+        self.ephemeral = Ephemeral(self.redis, self.keys, settings.typing_interval_ms)
+        self.unread = ReadMarkers(self.redis, self.keys)
         self.sessions = Sessions(self)
         self.commands = Commands(self)
         self.ws = WsServer(self)
@@ -55,6 +67,10 @@ class Node:
         self._stop = asyncio.Event()
         self.ws_port = 0
         self.http_port = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self.loop_lag = 0.0
+        self._online_cache: dict[str, tuple[float, int]] = {}
+        self._local_sessions: dict[str, str] = {}  # WS session id -> user id
 
     # -- helpers used by the services -------------------------------------------------------
     @staticmethod
@@ -63,6 +79,22 @@ class Node:
 
     def encode_room_entry(self, topic: Topic, sid: str, fields: dict[bytes, bytes]) -> bytes:
         return dumps(message_event(topic.name, sid, fields))
+
+    def spawn(self, coro: Any, what: str) -> None:
+        """Run a background job owned by the node's task group; failures are logged, not fatal."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except ChatError as exc:
+                log.warning("background job failed", extra={"job": what, "error": exc.code})
+            except Exception:
+                log.exception("background job failed", extra={"job": what})
+
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(guarded(), name=what)
 
     async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
                       kind: str = "") -> Appended:
@@ -77,39 +109,241 @@ class Node:
             METRICS.messages_published.inc()
         return appended
 
-    async def room_summaries(self, user: UserId, metas: dict[str, RoomMeta],
-                             positions: dict[str, str]) -> list[dict[str, Any]]:
+    # -- room summaries, online counts ------------------------------------------------------
+    async def online_count(self, room: str) -> int:
+        """Online members of a room, cached a few seconds per node (counts are advisory)."""
+        now = time.monotonic()
+        cached = self._online_cache.get(room)
+        if cached is not None and now - cached[0] < ONLINE_CACHE_S:
+            return cached[1]
+        if room == GENERAL:
+            _, count = await self.presence.online_everyone(0)
+        else:
+            members = await self.rooms.members(room)
+            online = await self.presence.online_users(members)
+            count = sum(online.values())
+        if len(self._online_cache) > 10_000:
+            self._online_cache.clear()
+        self._online_cache[room] = (now, count)
+        return count
+
+    async def who(self, room: str, limit: int) -> tuple[list[str], int]:
+        if room == GENERAL:
+            return await self.presence.online_everyone(limit)
+        members = await self.rooms.members(room)
+        online = await self.presence.online_users(members)
+        users = sorted(u for u, up in online.items() if up)
+        return users[:limit], len(users)
+
+    async def summaries(self, user: UserId, metas: dict[str, RoomMeta],
+                        positions: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Room objects as in ``welcome``: with unread, member and online counts."""
         rooms = list(metas)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self.keys.user_reads(user), rooms)
-        for room in rooms:
-            if room == GENERAL:
-                pipe.pfcount(self.keys.general_members())
-            else:
-                pipe.scard(self.keys.room_members(room))
-            pipe.zcount(self.keys.room_online(room), self.now_ms(), "+inf")
+        if not rooms:
+            return []
         with redisio.unavailable_on_redis_errors("summaries"):
-            results = await pipe.execute()
-        reads = results[0]
+            reads = await self.redis.hmget(self.keys.user_reads(user), rooms)
+        members = await self.rooms.member_counts(rooms)
+        online = await asyncio.gather(*(self.online_count(room) for room in rooms))
         out = []
         for i, room in enumerate(rooms):
             meta = metas[room]
-            members, online = int(results[1 + 2 * i]), int(results[2 + 2 * i])
-            out.append(room_summary(meta, positions.get(room, meta.last_id),
-                                    unread_count(meta.seq, reads[i]), members, online))
+            last_id = (positions or {}).get(room, meta.last_id)
+            out.append(room_summary(meta, last_id, unread_count(meta.seq, reads[i]),
+                                    members[room], online[i]))
         return out
+
+    async def room_summaries(self, user: UserId, metas: dict[str, RoomMeta],
+                             positions: dict[str, str]) -> list[dict[str, Any]]:
+        return await self.summaries(user, metas, positions)
+
+    # -- membership changes, applied live on every node --------------------------------------
+    async def joined(self, caller: Caller | None, meta: RoomMeta, users: list[str],
+                     inviter: str | None = None, announce: bool = True) -> dict[str, Any]:
+        """After users became members: subscribe the caller's own session at once, and tell
+        every session of every user (any node) through their personal streams."""
+        summary: dict[str, Any] = {}
+        conn = caller.extra.get("conn") if caller is not None else None
+        if conn is not None:
+            position = await self.sessions.subscribe_room(conn.sub, meta.room, None)
+            summary = (await self.summaries(caller.user, {meta.room: meta}, {meta.room: position}))[0]  # type: ignore[union-attr]
+        elif caller is not None:
+            summary = (await self.summaries(caller.user, {meta.room: meta}))[0]
+        if announce:
+            base = room_summary(meta, meta.last_id, 0, 0, 0)
+            event: dict[str, Any] = {"type": "room", "change": "added", "room": base}
+            if inviter:
+                event["by"] = inviter
+            await self.personal.publish_many(list(dict.fromkeys(users)), event)
+        return summary
+
+    async def left(self, caller: Caller, room: str) -> None:
+        conn = caller.extra.get("conn")
+        if conn is not None:
+            self.sessions.unsubscribe_room(conn.sub, room)
+        await self.personal.publish(caller.user, {"type": "room", "change": "removed", "room": {"id": room}})
+
+    def _after_personal(self, topic: Topic, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """Personal events delivered on this node: apply room membership changes to the user's
+        local sessions, and move the user's "delivered up to" marker."""
+        if not topic.sinks:
+            return
+        for _sid, fields in entries:
+            try:
+                event = orjson.loads(fields.get(b"d", b"{}"))
+            except orjson.JSONDecodeError:
+                continue
+            if event.get("type") != "room":
+                continue
+            room = (event.get("room") or {}).get("id")
+            if not isinstance(room, str):
+                continue
+            for sink in list(topic.sinks):
+                conn = self.ws.by_sink.get(sink)
+                if conn is None:
+                    continue
+                if event.get("change") == "added" and room not in conn.sub.topics:
+                    start = (event.get("room") or {}).get("last_id") or "0-0"
+                    self.spawn(self.sessions.subscribe_room(conn.sub, room, start), "subscribe-room")
+                elif event.get("change") == "removed":
+                    self.sessions.unsubscribe_room(conn.sub, room)
+        self.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 
     async def open_personal(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
                             welcome: dict[str, Any]) -> list[bytes]:
-        """Personal stream replay frames; filled in by the personal-stream service."""
-        return []
+        """Subscribe the session to the user's personal stream; returns the replay frames and
+        sets ``welcome["personal"]``. Call with the sink held."""
+        user = identity.user
+        epoch, pdel, last_id = await self.personal.open(user)
+        key = self.keys.user_inbox(user)
+        topic = self.fanout.get(key)
+        if topic is None:
+            topic = self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
+                                                      epoch, self._after_personal))
+            await self.fanout.reader(topic.shard).interrupt(key)
+        topic.sinks.add(sub.sink)
+        sub.topics["@personal"] = topic
+        upto = topic.pos
+        cursor = parse_cursor(hello.get("personal"))
+        recovered = True
+        after = pdel
+        if cursor is not None:
+            if cursor[0] == epoch:
+                after = cursor[1]
+                first = await self.personal.first_id(user)
+                if first is not None and after != "0-0" and stream_id_tuple(first) > stream_id_tuple(after):
+                    recovered = False  # events after the cursor may have been trimmed
+            else:
+                recovered = False
+        entries = await self.personal.range_after(user, after, upto, self.settings.personal_maxlen)
+        frames = []
+        for sid, fields in entries:
+            payload = personal_payload(sid.decode(), fields)
+            if payload is not None:
+                frames.append(ws_text_frame(payload))
+        if entries:
+            await self.personal.mark_delivered(user, entries[-1][0].decode())
+        welcome["personal"] = {"epoch": epoch, "recovered": recovered, "last_id": upto}
+        return frames
 
-    async def session_started(self, caller: Caller) -> None:
+    # -- presence ----------------------------------------------------------------------------
+    async def session_started(self, caller: Caller, ttl_ms: int | None = None) -> None:
         with redisio.unavailable_on_redis_errors("session"):
             await self.redis.pfadd(self.keys.general_members(), caller.user)
+        first = await self.presence.start(caller.user, caller.identity.name, caller.session_id, ttl_ms)
+        if caller.transport == "ws":
+            self._local_sessions[caller.session_id] = caller.user
+        if first:
+            self.spawn(self._announce(caller.user, caller.identity.name, "online"), "presence-online")
 
     async def session_ended(self, caller: Caller) -> None:
-        return None
+        self._local_sessions.pop(caller.session_id, None)
+        try:
+            gone = await self.presence.end(caller.user, caller.session_id)
+        except ChatError:
+            return  # Redis is down: the session expires by its TTL
+        if gone:
+            self.spawn(self._announce(caller.user, caller.identity.name, "offline"), "presence-offline")
+
+    async def poll_heartbeat(self, identity: Identity, session: str, next_poll_ms: int) -> None:
+        """A poll keeps the user online until a little after the next poll is due."""
+        caller = Caller(identity, "p:" + session, "http")
+        await self.session_started(caller, ttl_ms=next_poll_ms + self.settings.presence_ttl * 1000)
+
+    def load_factor(self) -> float:
+        """>1 when the node is busy: polling clients are asked to come back later."""
+        factor = 1.0
+        if self.loop_lag > 0.1:
+            factor = 1.0 + min(3.0, self.loop_lag / 0.1)
+        if len(self.ws.connections) > 0.9 * self.settings.max_connections:
+            factor = max(factor, 2.0)
+        return factor
+
+    async def _announce(self, user: str, name: str, status: str) -> None:
+        """Presence event to the user's rooms that are small enough for per-user events."""
+        rooms = await self.rooms.user_rooms(UserId(user))
+        counts = await self.rooms.member_counts(list(rooms))
+        small = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
+        for room in rooms:
+            self._online_cache.pop(room, None)
+        await self.ephemeral.presence(small, user, name, status)
+
+    async def _heartbeats(self) -> None:
+        """Refresh every local session's TTL: O(1) Redis work per session, whatever its rooms."""
+        interval = max(1.0, self.settings.presence_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            sessions = [(user, sid) for sid, user in self._local_sessions.items()]
+            for i in range(0, len(sessions), 500):
+                try:
+                    await self.presence.heartbeat(sessions[i:i + 500])
+                    METRICS.presence_heartbeats.inc(len(sessions[i:i + 500]))
+                except ChatError:
+                    break
+
+    async def _sweeper(self) -> None:
+        """Users whose sessions all expired (their node died) go offline, announced once."""
+        interval = max(1.0, min(5.0, self.settings.presence_ttl / 6))
+        while True:
+            await asyncio.sleep(interval * (0.5 + random.random()))
+            for shard in range(self.keys.shards):
+                try:
+                    gone = await self.presence.sweep(shard)
+                except ChatError:
+                    break
+                for user in gone:
+                    with contextlib.suppress(Exception):
+                        name = await self.redis.hget(self.keys.user_meta(user), "name")
+                        self.spawn(self._announce(user, (name or user.encode()).decode(), "offline"),
+                                   "presence-sweep")
+
+    async def _room_counts(self) -> None:
+        """Big rooms get throttled online counts instead of per-user presence events."""
+        last: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(PRESENCE_COUNT_INTERVAL_S)
+            rooms = [t for t in list(self.fanout.topics.values()) if t.kind == "room" and t.sinks]
+            if not rooms:
+                continue
+            try:
+                counts = await self.rooms.member_counts([t.name for t in rooms])
+            except ChatError:
+                continue
+            for topic in rooms:
+                if counts.get(topic.name, 0) <= self.settings.presence_room_limit:
+                    continue
+                try:
+                    online = await self.online_count(topic.name)
+                except ChatError:
+                    break
+                if last.get(topic.name) == online:
+                    continue
+                last[topic.name] = online
+                frame = ws_text_frame(dumps({"type": "presence", "room": topic.name, "online": online}))
+                for sink in list(topic.sinks):
+                    sink.push(frame)
+            if len(last) > 10_000:
+                last.clear()
 
     # -- Redis loss -------------------------------------------------------------------------
     async def check_epochs(self, reader: ShardReader) -> None:
@@ -191,14 +425,21 @@ class Node:
         while True:
             start = loop.time()
             await asyncio.sleep(0.5)
-            METRICS.loop_lag.set(max(0.0, loop.time() - start - 0.5))
+            self.loop_lag = max(0.0, loop.time() - start - 0.5)
+            METRICS.loop_lag.set(self.loop_lag)
             METRICS.outbound_bytes.set(sum(c.sub.sink.buffered_bytes() for c in self.ws.connections))
 
     def ready(self) -> bool:
         return self.redis_ok and not self.draining and self.fanout is not None and self.fanout.healthy()
 
+    def _ephemeral_topic(self, shard: int) -> Topic:
+        def route(room: str) -> Topic | None:
+            return self.fanout.topics.get(self.keys.room_stream(room))
+
+        return EphemeralTopic(self.keys.shard_ephemeral(shard), shard, start_position(), route)
+
     def _make_reader_conn(self, shard: int) -> Any:
-        return redisio.connect_dedicated(self.settings.redis_url)
+        return redisio.connect_dedicated(self.settings.redis_url, self.settings.read_block_ms)
 
     async def run(self, announce: bool = True) -> None:
         settings = self.settings
@@ -206,7 +447,7 @@ class Node:
         METRICS.build_info.info({"version": __version__, "python": sys.version.split()[0]})
         self.flusher = Flusher(loop)
         self.fanout = Fanout(settings, self.redis, self.flusher, self._make_reader_conn,
-                             self.check_epochs)
+                             self.check_epochs, self._ephemeral_topic)
         await self._ensure_redis()
         for sig, handler in ((signal.SIGTERM, lambda: loop.create_task(self.drain())),
                              (signal.SIGINT, self.stop)):
@@ -215,10 +456,14 @@ class Node:
             except (NotImplementedError, RuntimeError):
                 pass
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
             tasks = [
                 tg.create_task(self.fanout.run(), name="fanout"),
                 tg.create_task(self._watch_redis(), name="watch-redis"),
                 tg.create_task(self._watch_loop_lag(), name="loop-lag"),
+                tg.create_task(self._heartbeats(), name="heartbeats"),
+                tg.create_task(self._sweeper(), name="presence-sweeper"),
+                tg.create_task(self._room_counts(), name="room-counts"),
             ]
             ws_server = await serve(
                 self.ws.handler, settings.host, settings.ws_port,

@@ -7,19 +7,33 @@ both transports: the HTTP ``/api/v1/command`` endpoint calls exactly this.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
 from .errors import BadRequest
+from .keys import GENERAL, UserId
 from .metrics import METRICS
-from .protocol import CMID_RE, check_stream_id, check_text, message_event
+from .protocol import (
+    CMID_RE,
+    check_display_name,
+    check_room_id,
+    check_stream_id,
+    check_text,
+    check_user_id,
+    message_event,
+)
+from .unread import unread_count
 
 if TYPE_CHECKING:
     from .app import Node
 
 Handler = Callable[["Caller", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+# Text commands a client may type into the message box; never stored as messages.
+TEXT_COMMANDS = {"/who": "who", "/rooms": "rooms", "/join": "join", "/where": "where"}
 
 
 @dataclass
@@ -32,8 +46,26 @@ class Caller:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def user(self) -> str:
+    def user(self) -> UserId:
         return self.identity.user
+
+
+def parse_text_command(text: str, room: str) -> dict[str, Any] | None:
+    """``/who`` -> a ``who`` frame for the current room, etc.; None if not a text command."""
+    parts = text.strip().split()
+    if not parts or parts[0].lower() not in TEXT_COMMANDS:
+        return None
+    kind = TEXT_COMMANDS[parts[0].lower()]
+    args = parts[1:]
+    if kind == "who":
+        return {"type": "who", "room": args[0] if args else room}
+    if kind == "rooms":
+        return {"type": "rooms", **({"query": " ".join(args)} if args else {})}
+    if not args:
+        raise BadRequest(f"usage: {parts[0]} {'ROOM' if kind == 'join' else 'USER'}")
+    if kind == "join":
+        return {"type": "join", "room": args[0]}
+    return {"type": "where", "user": args[0]}
 
 
 class Commands:
@@ -43,10 +75,18 @@ class Commands:
             "send": self.send,
             "history": self.history,
             "ping": self.ping,
+            "join": self.join,
+            "leave": self.leave,
+            "create_room": self.create_room,
+            "invite": self.invite,
+            "dm": self.dm,
+            "rooms": self.rooms,
+            "who": self.who,
+            "where": self.where,
+            "read": self.read,
+            "typing": self.typing,
         }
-
-    def register(self, name: str, handler: Handler) -> None:
-        self.handlers[name] = handler
+        self._typing_seen: dict[tuple[str, str], float] = {}
 
     async def dispatch(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         kind = frame["type"]
@@ -61,25 +101,30 @@ class Commands:
         METRICS.commands.labels(type=kind, result="ok").inc()
         return data
 
-    # -- commands --------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------
     async def ping(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     async def send(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         node = self.node
-        room = frame["room"]
+        room = check_room_id(frame["room"])
         text = check_text(frame["text"], node.settings.max_text_chars)
+        if text.startswith("/"):
+            mapped = parse_text_command(text, room)
+            if mapped is not None:
+                data = await self.dispatch(caller, mapped)
+                return {"command": mapped["type"], **data}
         cmid = frame.get("cmid")
         if cmid is not None and not CMID_RE.match(cmid):
             raise BadRequest("cmid must match ^[A-Za-z0-9_.:-]{1,64}$")
-        await node.rooms.require_reader(caller.identity.user, room)
-        appended = await node.publish(room, caller.identity.user, caller.identity.name, text, cmid)
+        await node.rooms.require_reader(caller.user, room)
+        appended = await node.publish(room, caller.user, caller.identity.name, text, cmid)
         return {"id": appended.id, "seq": appended.seq, "ts": appended.ts,
                 **({"duplicate": True} if appended.duplicate else {})}
 
     async def history(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         node = self.node
-        room = frame["room"]
+        room = check_room_id(frame["room"])
         before, after = frame.get("before"), frame.get("after")
         if before is not None and after is not None:
             raise BadRequest("give before or after, not both")
@@ -90,9 +135,124 @@ class Commands:
         limit = frame.get("limit", 50)
         if not 1 <= limit <= node.settings.history_limit_max:
             raise BadRequest(f"limit must be 1..{node.settings.history_limit_max}")
-        await node.rooms.require_reader(caller.identity.user, room)
+        await node.rooms.require_reader(caller.user, room)
         entries, more = await node.streams.history(room, before=before, after=after, limit=limit)
         messages = [message_event(room, sid.decode(), fields) for sid, fields in entries]
         for m in messages:
             del m["type"]
         return {"messages": messages, "more": more}
+
+    # -- rooms -------------------------------------------------------------------------------
+    async def create_room(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        s = node.settings
+        name = check_display_name(frame["name"])
+        members = frame.get("members") or []
+        if not all(isinstance(m, str) for m in members):
+            raise BadRequest("members must be user ids")
+        for m in members:
+            check_user_id(m)
+        meta = await node.rooms.create(caller.user, name, frame["visibility"], members,
+                                       s.max_rooms_per_user, s.max_room_members)
+        summary = await node.joined(caller, meta, [caller.user, *members], inviter=caller.user)
+        return {"room": summary}
+
+    async def join(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        s = node.settings
+        meta, _ = await node.rooms.join(caller.user, frame["room"], s.max_rooms_per_user, s.max_room_members)
+        summary = await node.joined(caller, meta, [caller.user])
+        return {"room": summary}
+
+    async def leave(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        meta = await self.node.rooms.leave(caller.user, frame["room"])
+        await self.node.left(caller, meta.room)
+        return {}
+
+    async def invite(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        s = node.settings
+        invitee = check_user_id(frame["user"])
+        meta, added = await node.rooms.invite(caller.user, frame["room"], invitee,
+                                              s.max_rooms_per_user, s.max_room_members)
+        if added:
+            await node.joined(None, meta, [invitee], inviter=caller.user)
+        return {}
+
+    async def dm(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        other = check_user_id(frame["user"])
+        meta, new = await node.rooms.dm(caller.user, other, node.settings.max_rooms_per_user)
+        users = [caller.user, other] if new else [caller.user]
+        summary = await node.joined(caller, meta, users, announce=new)
+        return {"room": summary}
+
+    async def rooms(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        query = frame.get("query")
+        if query is not None and len(query) > 80:
+            raise BadRequest("query longer than 80 characters")
+        mine = await node.rooms.user_rooms(caller.user)
+        open_rooms = await node.rooms.open_rooms(query)
+        needle = (query or "").strip().lower()
+        ids = list(dict.fromkeys([*mine, *open_rooms]))
+        metas = await node.streams.metas(ids)
+        listed = []
+        for room in ids:
+            meta = metas.get(room)
+            if meta is None:
+                continue
+            if needle and needle not in meta.name.lower() and needle not in room:
+                continue
+            listed.append(meta)
+        summaries = await node.summaries(caller.user, {m.room: m for m in listed[:200]})
+        for summary in summaries:
+            summary["member"] = summary["id"] in mine
+        return {"rooms": summaries}
+
+    async def who(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        room = check_room_id(frame["room"])
+        limit = frame.get("limit", 100)
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit must be 1..1000")
+        await node.rooms.require_reader(caller.user, room)
+        users, count = await node.who(room, limit)
+        return {"online": users, "count": count}
+
+    async def where(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        target = check_user_id(frame["user"])
+        online, last_seen = await node.presence.status(target)
+        theirs = await node.rooms.user_rooms(UserId(target))
+        visible = await node.rooms.visible_to(caller.user, list(theirs))
+        return {"user": target, "online": online, "last_seen": last_seen, "rooms": visible}
+
+    async def read(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        room = check_room_id(frame["room"])
+        sid = check_stream_id(frame["id"])
+        acc = await node.rooms.require_reader(caller.user, room)
+        seq = await node.streams.seq_at(room, sid, acc.meta)
+        read_id, read_seq = await node.unread.mark(caller.user, room, sid, seq)
+        meta = await node.streams.meta(room) or acc.meta
+        unread = unread_count(meta.seq, f"{read_id} {read_seq}")
+        await node.personal.publish(caller.user, {"type": "unread", "room": room, "unread": unread,
+                                                  "read_id": read_id})
+        return {"unread": unread, "read_id": read_id}
+
+    async def typing(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        room = check_room_id(frame["room"])
+        key = (caller.user, room)
+        now = time.monotonic()
+        interval = node.settings.typing_interval_ms / 1000.0
+        if now - self._typing_seen.get(key, 0.0) < interval:
+            return {"sent": False}  # throttled locally: no Redis work at all
+        if len(self._typing_seen) > 50_000:
+            self._typing_seen = {k: t for k, t in self._typing_seen.items() if now - t < interval}
+        self._typing_seen[key] = now
+        if room != GENERAL:
+            await node.rooms.require_reader(caller.user, room)
+        sent = await node.ephemeral.typing(room, caller.user, caller.identity.name)
+        return {"sent": sent}

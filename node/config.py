@@ -122,6 +122,10 @@ FIELDS: tuple[Field, ...] = (
     Field("poll_max_ms", "CHAT_POLL_MAX_MS", int, 30000, "Longest poll interval", _positive),
     Field("poll_decay", "CHAT_POLL_DECAY", float, 1.5, "Poll interval growth per empty poll", lambda v: None if v >= 1 else "must be >= 1"),
     Field("poll_unfocused_ms", "CHAT_POLL_UNFOCUSED_MS", int, 15000, "Least poll interval of an unfocused client", _positive),
+    Field("max_rooms_per_user", "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive),
+    Field("max_room_members", "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive),
+    Field("personal_maxlen", "CHAT_PERSONAL_MAXLEN", int, 500,
+          "Personal events (alerts, invitations) kept per user while offline", _positive),
     Field("log_format", "CHAT_LOG_FORMAT", str, "json", "json (one object per line) or text", _one_of("json", "text")),
     Field("log_level", "CHAT_LOG_LEVEL", str, "INFO", "Python log level",
           _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -170,6 +174,9 @@ class Settings:
     poll_max_ms: int
     poll_decay: float
     poll_unfocused_ms: int
+    max_rooms_per_user: int
+    max_room_members: int
+    personal_maxlen: int
     log_format: str
     log_level: str
     dev_force: bool
@@ -188,6 +195,8 @@ class Settings:
             "replay_limit": self.replay_limit,
             "rate_per_s": int(self.rate_per_s),
             "rate_burst": self.rate_burst,
+            "max_rooms_per_user": self.max_rooms_per_user,
+            "max_room_members": self.max_room_members,
         }
 
 

@@ -8,8 +8,8 @@ unexpected into a bare 500. CORS is answered for the configured origins only.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -138,4 +138,7 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/api/v1/config", client_config)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    from .api import add_routes  # api builds on this module's helpers
+
+    add_routes(app, node)
     return app

@@ -64,14 +64,6 @@ class Keys:
         """Dedupe key of a client message id: ``"<id> <seq>"`` of the first send."""
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:c:{user}:{cmid}"
 
-    def room_typing(self, room: str) -> str:
-        """Pub/Sub channel of ephemeral typing events (sharded by the room's tag)."""
-        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:t"
-
-    def room_online(self, room: str) -> str:
-        """Sorted set user -> expiry (ms) of online members, for ``who`` and counts."""
-        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:o"
-
     def stream_room(self, key: str) -> RoomId | None:
         """Inverse of :meth:`room_stream` (``None`` for other keys)."""
         parts = key.split(":", 3)
@@ -103,10 +95,29 @@ class Keys:
         """Sorted set session id -> expiry (ms): the user's live sessions on any node."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:s"
 
+    # -- per shard --------------------------------------------------------------------------
+    def shard_ephemeral(self, shard: int) -> str:
+        """Short capped stream of typing and presence events of the shard's rooms.
+
+        Nodes read it with the same XREAD as the shard's room streams, so ephemeral events
+        cross nodes without Pub/Sub and work on Redis Cluster (one slot per shard)."""
+        return f"{PREFIX}:{self.tag(shard)}:eph"
+
+    def online_index(self, shard: int) -> str:
+        """Sorted set user -> expiry (ms) of the online users whose user shard is ``shard``."""
+        return f"{PREFIX}:{self.tag(shard)}:online"
+
+    def room_typing_gate(self, room: str, user: str) -> str:
+        """Throttle key of one user's typing events in one room (SET NX PX)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ty:{user}"
+
     # -- cluster-wide -----------------------------------------------------------------------
     def room_directory(self) -> str:
         """Hash room id -> name of the open rooms (for ``rooms`` listing)."""
         return f"{PREFIX}:{{dir}}:open"
+
+    def alert_counter(self) -> str:
+        return f"{PREFIX}:{{dir}}:alerts"
 
     def general_members(self) -> str:
         """HyperLogLog of every user seen, for the general room's member count."""

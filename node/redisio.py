@@ -44,10 +44,14 @@ def connect(url: str, *, max_connections: int = 256) -> Any:
     )
 
 
-def connect_dedicated(url: str) -> aioredis.Redis:
-    """One connection of its own for a blocking reader (standalone Redis)."""
+def connect_dedicated(url: str, block_ms: int) -> aioredis.Redis:
+    """One connection of its own for a blocking reader (standalone Redis).
+
+    Its socket timeout must outlast the longest ``XREAD BLOCK`` (redis-py's default of 5 s
+    would cut a 5 s block short and look like a lost Redis).
+    """
     return aioredis.Redis.from_url(url, single_connection_client=True, socket_connect_timeout=2,
-                                   socket_keepalive=True)
+                                   socket_timeout=block_ms / 1000.0 + 10.0, socket_keepalive=True)
 
 
 @contextlib.contextmanager

@@ -102,3 +102,171 @@ class Rooms:
         if not may_read(acc.meta.kind, acc.is_member):
             raise Forbidden("join the room first")
         return acc
+
+    # -- membership changes (each command touches one slot; together they are idempotent) --
+    async def create(self, owner: UserId, name: str, visibility: str, members: list[str],
+                     max_rooms: int, max_members: int) -> RoomMeta:
+        if visibility not in ("open", "closed"):
+            raise BadRequest("visibility must be open or closed")
+        members = sorted({m for m in members if m != owner})
+        if len(members) + 1 > max_members:
+            raise BadRequest(f"a room has at most {max_members} members")
+        await self._check_room_quota(owner, max_rooms)
+        room = new_room_id()
+        await self.streams.ensure_room(room, visibility, name, owner, int(time.time() * 1000))
+        with unavailable_on_redis_errors("create_room"):
+            pipe = self.redis.pipeline(transaction=False)
+            if visibility == "open":
+                pipe.hset(self.keys.room_directory(), room, name)
+            pipe.sadd(self.keys.room_members(room), owner, *members)
+            if members and visibility == "closed":
+                pipe.sadd(self.keys.room_invites(room), *members)
+            for user in [owner, *members]:
+                pipe.sadd(self.keys.user_rooms(user), room)
+            await pipe.execute()
+        meta = await self.streams.meta(room)
+        assert meta is not None
+        return meta
+
+    async def _check_room_quota(self, user: str, max_rooms: int) -> None:
+        with unavailable_on_redis_errors("user_rooms"):
+            count = await self.redis.scard(self.keys.user_rooms(user))
+        if count >= max_rooms:
+            raise BadRequest(f"a user may be in at most {max_rooms} rooms")
+
+    async def add_member(self, room: str, user: str, max_rooms: int, max_members: int) -> bool:
+        """Make ``user`` a member; True if they were not one before."""
+        if room == GENERAL:
+            return False
+        with unavailable_on_redis_errors("join"):
+            if await self.redis.sismember(self.keys.room_members(room), user):
+                return False
+        await self._check_room_quota(user, max_rooms)
+        with unavailable_on_redis_errors("join"):
+            if await self.redis.scard(self.keys.room_members(room)) >= max_members:
+                raise BadRequest(f"the room is full ({max_members} members)")
+            added = await self.redis.sadd(self.keys.room_members(room), user)
+            await self.redis.sadd(self.keys.user_rooms(user), room)
+        return bool(added)
+
+    async def remove_member(self, room: str, user: str) -> bool:
+        with unavailable_on_redis_errors("leave"):
+            removed = await self.redis.srem(self.keys.room_members(room), user)
+            await self.redis.srem(self.keys.user_rooms(user), room)
+        return bool(removed)
+
+    async def join(self, user: UserId, room: str, max_rooms: int, max_members: int) -> tuple[RoomMeta, bool]:
+        """Join an open room, or a closed room one was invited to. (meta, newly joined)."""
+        check_room_id(room)
+        meta = await self.streams.meta(room)
+        if meta is None:
+            raise NotFound(NOT_FOUND)
+        if meta.kind == "general":
+            return meta, False
+        if meta.kind == "direct":
+            if await self.is_member(user, room):
+                return meta, False
+            raise NotFound(NOT_FOUND)
+        if meta.kind == "closed" and not await self.is_member(user, room):
+            with unavailable_on_redis_errors("join"):
+                invited = await self.redis.sismember(self.keys.room_invites(room), user)
+            if not invited:
+                raise NotFound(NOT_FOUND)
+        return meta, await self.add_member(room, user, max_rooms, max_members)
+
+    async def invite(self, inviter: UserId, room: str, invitee: str, max_rooms: int,
+                     max_members: int) -> tuple[RoomMeta, bool]:
+        """Members invite others; the invitee becomes a member (and may re-join after leaving)."""
+        if not USER_ID_RE.match(invitee):
+            raise BadRequest("invalid user id")
+        acc = await self.access(inviter, room)
+        if acc.meta.kind in ("general", "direct"):
+            raise BadRequest(f"cannot invite to a {acc.meta.kind} room")
+        if not acc.is_member:
+            raise Forbidden("only members may invite")
+        with unavailable_on_redis_errors("invite"):
+            await self.redis.sadd(self.keys.room_invites(room), invitee)
+        return acc.meta, await self.add_member(room, invitee, max_rooms, max_members)
+
+    async def leave(self, user: UserId, room: str) -> RoomMeta:
+        acc = await self.access(user, room)
+        if acc.meta.kind in ("general", "direct"):
+            raise BadRequest(f"cannot leave a {acc.meta.kind} room")
+        if not acc.is_member:
+            raise BadRequest("not a member")
+        await self.remove_member(room, user)
+        return acc.meta
+
+    async def dm(self, user: UserId, other: str, max_rooms: int) -> tuple[RoomMeta, bool]:
+        """Get or create the direct room of two users. (meta, newly created)."""
+        if not USER_ID_RE.match(other):
+            raise BadRequest("invalid user id")
+        room = dm_room(user, other)
+        meta = await self.streams.meta(room)
+        if meta is None:
+            await self._check_room_quota(user, max_rooms)
+            await self.streams.ensure_room(room, "direct", room, user, int(time.time() * 1000))
+            meta = await self.streams.meta(room)
+            if meta is None:
+                raise NotFound(NOT_FOUND)
+        with unavailable_on_redis_errors("dm"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(self.keys.room_members(room), user, other)
+            pipe.sadd(self.keys.user_rooms(user), room)
+            pipe.sadd(self.keys.user_rooms(other), room)
+            added = await pipe.execute()
+        return meta, bool(added[0])  # new members: tell both users about the room
+
+    async def members(self, room: str) -> list[str]:
+        with unavailable_on_redis_errors("members"):
+            raw = await self.redis.smembers(self.keys.room_members(room))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+
+    async def member_counts(self, rooms: list[str]) -> dict[str, int]:
+        if not rooms:
+            return {}
+        with unavailable_on_redis_errors("members"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                if room == GENERAL:
+                    pipe.pfcount(self.keys.general_members())
+                else:
+                    pipe.scard(self.keys.room_members(room))
+            counts = await pipe.execute()
+        return {room: int(n) for room, n in zip(rooms, counts, strict=True)}
+
+    async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:
+        """Open rooms from the directory (id -> name), filtered by a case-insensitive query."""
+        needle = (query or "").strip().lower()
+        out: dict[str, str] = {}
+        cursor = 0
+        scanned = 0
+        with unavailable_on_redis_errors("rooms"):
+            while True:
+                cursor, page = await self.redis.hscan(self.keys.room_directory(), cursor, count=500)
+                for rid, name in page.items():
+                    rid_s = rid.decode() if isinstance(rid, bytes) else rid
+                    name_s = name.decode() if isinstance(name, bytes) else name
+                    if not needle or needle in name_s.lower() or needle in rid_s:
+                        out[rid_s] = name_s
+                scanned += len(page)
+                if not cursor or len(out) >= limit or scanned >= 20000:
+                    break
+        return dict(sorted(out.items(), key=lambda kv: kv[1].lower())[:limit])
+
+    async def visible_to(self, viewer: UserId, rooms: list[str]) -> list[str]:
+        """The subset of ``rooms`` whose existence ``viewer`` may know."""
+        if not rooms:
+            return []
+        metas = await self.streams.metas(rooms)
+        with unavailable_on_redis_errors("where"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.sismember(self.keys.room_members(room), viewer)
+            member = await pipe.execute()
+        out = []
+        for room, is_member in zip(rooms, member, strict=True):
+            meta = metas.get(room)
+            if meta is not None and may_see(meta.kind, bool(is_member) or room == GENERAL):
+                out.append(room)
+        return out

@@ -131,6 +131,47 @@ class Sessions:
             sink.push_now(frame)
         sink.release()
 
+    async def subscribe_room(self, sub: Subscription, room: str, start: str | None) -> str:
+        """Add a room to a live session (after join/invite/dm, on any node).
+
+        Live delivery starts after the topic's position ``P``; with ``start`` the entries in
+        ``(start, P]`` are replayed first, so a membership learnt late opens no gap. Returns
+        ``P``, the room's ``last_id`` as far as this session is concerned.
+        """
+        node = self.node
+        if room in sub.topics:
+            return sub.topics[room].pos
+        meta = await node.streams.meta(room)
+        if meta is None:
+            return "0-0"
+        key = node.keys.room_stream(room)
+        last = None if node.fanout.get(key) else (await node.streams.last_ids([room]))[room]
+        sink = sub.sink
+        sink.hold()
+        try:
+            if room in sub.topics or sink.closed:
+                return sub.topics[room].pos if room in sub.topics else "0-0"
+            topic, is_new = node.fanout.add_topic(key, node.keys.room_shard(room), room, last or "0-0",
+                                                  node.encode_room_entry, meta.epoch, "room")
+            topic.sinks.add(sink)
+            sub.topics[room] = topic
+            upto = topic.pos
+            if is_new:
+                await node.fanout.reader(topic.shard).interrupt(key)
+            if start is not None and start != upto:
+                entries = await node.streams.replay_range(room, start, upto, node.settings.replay_limit)
+                plan = plan_replay(meta.epoch, topic.epoch, start, upto, entries, node.settings.replay_limit)
+                for sid, fields in plan.entries:
+                    sink.push_now(ws_text_frame(dumps(message_event(room, sid.decode(), fields))))
+            return upto
+        finally:
+            sink.release()
+
+    def unsubscribe_room(self, sub: Subscription, room: str) -> None:
+        topic = sub.topics.pop(room, None)
+        if topic is not None:
+            self.node.fanout.unsubscribe(topic, sub.sink)
+
     def close_ws(self, sub: Subscription) -> None:
         for topic in list(sub.topics.values()):
             self.node.fanout.unsubscribe(topic, sub.sink)

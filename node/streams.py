@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import NotFound
 from .keys import Keys, RoomId, StreamId
+from .protocol import stream_id_tuple
 from .redisio import unavailable_on_redis_errors
 
 # KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid ('' = none), kind, cmid_ttl
@@ -179,3 +180,17 @@ class RoomStreams:
         """
         with unavailable_on_redis_errors("replay"):
             return await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
+
+    async def seq_at(self, room: str, sid: str, meta: RoomMeta) -> int:
+        """The room's ``seq`` as of message ``sid``: exact even if ``sid`` was trimmed away."""
+        if stream_id_tuple(sid) >= stream_id_tuple(meta.last_id):
+            return meta.seq
+        key = self.keys.room_stream(room)
+        with unavailable_on_redis_errors("seq_at"):
+            exact = await self.redis.xrange(key, sid, sid, count=1)
+            if exact:
+                return int(exact[0][1].get(b"s", b"0"))
+            after = await self.redis.xrange(key, "(" + sid, "+", count=1)
+        if after:
+            return max(0, int(after[0][1].get(b"s", b"0")) - 1)
+        return meta.seq

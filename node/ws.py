@@ -23,7 +23,15 @@ from websockets.http11 import Request, Response
 from . import protocol
 from .auth import authenticate_hello
 from .commands import Caller
-from .errors import BadRequest, ChatError, CloseCodes, RateLimited, Unauthorized, Unavailable, error_body
+from .errors import (
+    BadRequest,
+    ChatError,
+    CloseCodes,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    error_body,
+)
 from .fanout import Sink
 from .metrics import METRICS
 from .origins import origin_allowed

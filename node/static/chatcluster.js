@@ -327,6 +327,7 @@ export class ChatClient {
     this.msgs = new Map(); // id -> messages, oldest first
     this.cursors = {}; // room -> {epoch, id}
     this.personal = null; // {epoch, id}
+    this.seenPids = []; // recent personal event ids (dedupe across handovers)
     this.presence = new Map(); // room -> Map(user -> "online"|"offline")
     this.outbox = []; // unacknowledged sends: {room, text, cmid, ts}
     this.status = "idle"; // idle | connecting | online | polling | offline | stopped
@@ -1055,8 +1056,11 @@ export class ChatClient {
 
   _applyEvent(ev) {
     if (PERSONAL_KINDS.has(ev.type) && ev.pid) {
-      if (this.personal && this.personal.id && compareIds(ev.pid, this.personal.id) <= 0) return false; // seen
-      if (this.personal) this.personal.id = ev.pid;
+      // By id, not by cursor: a first welcome's replay may lie below the stream's last id.
+      if (this.seenPids.includes(ev.pid)) return false;
+      this.seenPids.push(ev.pid);
+      if (this.seenPids.length > 200) this.seenPids.shift();
+      if (this.personal && (!this.personal.id || compareIds(ev.pid, this.personal.id) > 0)) this.personal.id = ev.pid;
     }
     switch (ev.type) {
       case "welcome": return this._applyWelcome(ev);
@@ -1104,6 +1108,7 @@ export class ChatClient {
 
   _applyWelcome(w) {
     if (w.user) this.user = w.user;
+    if (w.node) this.welcome_node = w.node;
     if (w.limits) this.limits = { ...this.limits, ...w.limits };
     const seen = new Set();
     for (const room of w.rooms || []) {
@@ -1193,7 +1198,7 @@ export class ChatClient {
     const msgs = {};
     for (const [room, list] of this.msgs) msgs[room] = list.slice(-this.opts.cachePerRoom);
     return {
-      user: this.user, cursors: this.cursors, personal: this.personal, rooms: [...this.rooms.values()],
+      user: this.user, cursors: this.cursors, personal: this.personal, seenPids: this.seenPids, rooms: [...this.rooms.values()],
       msgs, outbox: this.outbox, limits: this.limits, status: this.status, transport: this.transport,
       saved: Date.now(),
     };
@@ -1204,6 +1209,7 @@ export class ChatClient {
     this.user = s.user || this.user;
     this.cursors = s.cursors || {};
     this.personal = s.personal || null;
+    this.seenPids = Array.isArray(s.seenPids) ? s.seenPids : [];
     this.rooms = new Map((s.rooms || []).map((r) => [r.id, r]));
     this.msgs = new Map(Object.entries(s.msgs || {}));
     if (Array.isArray(s.outbox)) {

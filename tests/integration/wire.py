@@ -12,6 +12,7 @@ import re
 import socket
 import struct
 import uuid
+import weakref
 from typing import Any
 
 import aiohttp
@@ -47,14 +48,24 @@ async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any
     return frame
 
 
+# Frames read past while looking for another type, per connection: a live `message` event may
+# legitimately arrive before the `reply` to the `send` that produced it, so nothing is dropped.
+_SKIPPED: weakref.WeakKeyDictionary[ClientConnection, list[dict[str, Any]]] = weakref.WeakKeyDictionary()
+
+
 async def next_of(ws: ClientConnection, kind: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The next frame of type ``kind``, skipping events of other types."""
+    """The next frame of type ``kind``; frames of other types are kept for later calls."""
+    skipped = _SKIPPED.setdefault(ws, [])
+    for i, frame in enumerate(skipped):
+        if frame["type"] == kind:
+            return skipped.pop(i)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         frame = await recv_json(ws, max(0.01, deadline - loop.time()))
         if frame["type"] == kind:
             return frame
+        skipped.append(frame)
 
 
 async def next_reply(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:

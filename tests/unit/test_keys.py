@@ -8,7 +8,7 @@ def test_all_keys_of_a_room_share_one_slot():
     for room in ["general", "dm:alice:bob", "r-0123456789"]:
         slots = {key_slot(x.encode()) for x in [
             k.room_stream(room), k.room_meta(room), k.room_members(room), k.room_cmid(room, "u", "c"),
-            k.room_online(room), k.room_typing(room), k.room_invites(room)]}
+            k.room_typing_gate(room, "u"), k.room_invites(room), k.shard_ephemeral(k.room_shard(room))]}
         assert len(slots) == 1
 
 
@@ -24,3 +24,12 @@ def test_stream_room_inverts_room_stream():
     k = Keys(16)
     assert k.stream_room(k.room_stream("dm:a:b")) == "dm:a:b"
     assert k.stream_room(k.room_meta("general")) is None
+
+
+def test_user_keys_share_the_slot_of_their_online_index():
+    k = Keys(16)
+    for user in ["alice", "bob@example.com", "x"]:
+        slots = {key_slot(x.encode()) for x in [
+            k.user_rooms(user), k.user_reads(user), k.user_inbox(user), k.user_meta(user),
+            k.user_sessions(user), k.online_index(k.user_shard(user))]}
+        assert len(slots) == 1

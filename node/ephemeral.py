@@ -1,0 +1,115 @@
+"""Ephemeral room events (typing, presence): never in history, never replayed.
+
+They travel through one short capped stream per virtual shard (``Keys.shard_ephemeral``), which
+every node already reads in the same ``XREAD`` as that shard's room streams. That gives typing
+and presence across nodes with no Pub/Sub connection, and it works on Redis Cluster: the typing
+throttle key, the room and the shard's ephemeral stream share one hash tag, so the throttle and
+the append are one script in one slot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .fanout import Entry, Topic
+from .keys import Keys
+from .metrics import METRICS
+from .protocol import ws_text_frame
+from .redisio import unavailable_on_redis_errors
+
+EPH_MAXLEN = 2000
+
+# KEYS: gate, eph.  ARGV: interval_ms, room, user, name, maxlen.  1 if published, 0 if throttled.
+TYPING_LUA = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'k', 'typing', 'r', ARGV[2], 'u', ARGV[3], 'n', ARGV[4])
+return 1
+"""
+
+
+class EphemeralTopic(Topic):
+    """The shard's ephemeral stream: each entry is routed to the local sinks of its room(s).
+
+    ``route(room)`` returns the room's topic on this node, if any.
+    """
+
+    __slots__ = ("route",)
+
+    def __init__(self, key: str, shard: int, pos: str, route: Callable[[str], Topic | None]) -> None:
+        super().__init__(key, shard, f"eph:{shard}", pos, _no_encoder, "", "ephemeral")
+        self.route = route
+
+    def deliver(self, entries: list[Entry], now_ms: float) -> int:
+        delivered = 0
+        for raw_id, fields in entries:
+            sid = raw_id.decode()
+            self.pos = sid
+            kind = fields.get(b"k")
+            user = fields.get(b"u", b"").decode()
+            name = fields.get(b"n", b"").decode()
+            for room in fields.get(b"r", b"").decode().split(","):
+                topic = self.route(room)
+                if topic is None or not topic.sinks:
+                    continue
+                if kind == b"typing":
+                    event: dict[str, Any] = {"type": "typing", "room": room, "user": {"id": user, "name": name}}
+                    skip = user  # never echoed to the typist's own sessions
+                elif kind == b"presence":
+                    event = {"type": "presence", "room": room, "user": {"id": user, "name": name},
+                             "status": fields.get(b"s", b"").decode()}
+                    skip = ""
+                else:
+                    continue
+                frame = ws_text_frame(orjson.dumps(event))
+                for sink in topic.sinks:
+                    if sink.owner != skip:
+                        sink.push(frame)
+                        delivered += 1
+        if delivered:
+            METRICS.messages_delivered.inc(delivered)
+        return delivered
+
+
+def _no_encoder(topic: Topic, sid: str, fields: dict[bytes, bytes]) -> None:
+    return None
+
+
+def start_position() -> str:
+    """Where a node starts reading a shard's ephemeral stream: now (nothing old is replayed)."""
+    return f"{int(time.time() * 1000)}-0"
+
+
+class Ephemeral:
+    def __init__(self, redis: Any, keys: Keys, typing_interval_ms: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.typing_interval_ms = typing_interval_ms
+        self._typing = redis.register_script(TYPING_LUA)
+
+    async def typing(self, room: str, user: str, name: str) -> bool:
+        """Publish a typing event unless the user typed in this room within the interval."""
+        with unavailable_on_redis_errors("typing"):
+            published = await self._typing(
+                keys=[self.keys.room_typing_gate(room, user), self.keys.shard_ephemeral(self.keys.room_shard(room))],
+                args=[self.typing_interval_ms, room, user, name, EPH_MAXLEN],
+            )
+        return bool(int(published))
+
+    async def presence(self, rooms: list[str], user: str, name: str, status: str) -> None:
+        """One presence event per shard for the given rooms (comma-joined)."""
+        by_shard: dict[int, list[str]] = {}
+        for room in rooms:
+            by_shard.setdefault(self.keys.room_shard(room), []).append(room)
+        if not by_shard:
+            return
+        with unavailable_on_redis_errors("presence_event"):
+            pipe = self.redis.pipeline(transaction=False)
+            for shard, shard_rooms in by_shard.items():
+                pipe.xadd(self.keys.shard_ephemeral(shard),
+                          {"k": "presence", "r": ",".join(shard_rooms), "u": user, "n": name, "s": status},
+                          maxlen=EPH_MAXLEN, approximate=True)
+            await pipe.execute()

@@ -1,0 +1,140 @@
+"""Personal streams: one capped stream per user for alerts, room membership events and
+read-marker sync, with its own epoch and a "delivered up to" marker.
+
+Entries store the event JSON (without ``pid``) in field ``d``; the event sent to clients is that
+JSON with ``"pid": <stream id>`` added, which is the client's personal cursor. ``pdel`` in the
+user's metadata is the newest personal id delivered to any session: a ``hello`` without a
+personal cursor replays after it, so an alert sent while the user was offline arrives at the
+next login exactly once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .fanout import Entry, Topic
+from .keys import Keys
+from .protocol import stream_id_tuple
+from .redisio import unavailable_on_redis_errors
+from .streams import new_epoch
+
+# KEYS: inbox, user-meta.  ARGV: maxlen, json, new-epoch
+PUBLISH_LUA = """
+if redis.call('HEXISTS', KEYS[2], 'pepoch') == 0 then redis.call('HSET', KEYS[2], 'pepoch', ARGV[3]) end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2])
+"""
+
+# KEYS: inbox, user-meta.  ARGV: new-epoch.  Returns {epoch, pdel, last_id}
+OPEN_LUA = """
+local epoch = redis.call('HGET', KEYS[2], 'pepoch')
+if not epoch then epoch = ARGV[1]; redis.call('HSET', KEYS[2], 'pepoch', epoch) end
+local pdel = redis.call('HGET', KEYS[2], 'pdel') or '0-0'
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last_id = '0-0'
+if last[1] then last_id = last[1][1] end
+return {epoch, pdel, last_id}
+"""
+
+# KEYS: user-meta.  ARGV: id.  Moves pdel forward only.
+DELIVERED_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'pdel')
+if cur then
+  local cm, cs = string.match(cur, '(%d+)-(%d+)')
+  local nm, ns = string.match(ARGV[1], '(%d+)-(%d+)')
+  cm, cs, nm, ns = tonumber(cm), tonumber(cs), tonumber(nm), tonumber(ns)
+  if nm < cm or (nm == cm and ns <= cs) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'pdel', ARGV[1])
+return 1
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def personal_payload(sid: str, fields: dict[bytes, bytes]) -> bytes | None:
+    """The client frame of one personal entry: its JSON with ``pid`` spliced in."""
+    data = fields.get(b"d")
+    if not data or not data.endswith(b"}"):
+        return None
+    return data[:-1] + b',"pid":"' + sid.encode() + b'"}'
+
+
+class PersonalTopic(Topic):
+    """A user's personal stream on this node: delivered like any topic, then ``after`` is called
+    with the delivered events (membership changes to apply to the user's local sessions, and
+    the "delivered up to" marker to move)."""
+
+    __slots__ = ("after",)
+
+    def __init__(self, key: str, shard: int, user: str, pos: str, epoch: str,
+                 after: Any) -> None:
+        super().__init__(key, shard, user, pos, _encode_personal, epoch, "personal")
+        self.after = after
+
+    def deliver(self, entries: list[Entry], now_ms: float) -> int:
+        before = self.pos
+        delivered = super().deliver(entries, now_ms)
+        fresh = [(sid.decode(), fields) for sid, fields in entries
+                 if stream_id_tuple(sid.decode()) > stream_id_tuple(before)]
+        if fresh:
+            self.after(self, fresh)
+        return delivered
+
+
+def _encode_personal(topic: Topic, sid: str, fields: dict[bytes, bytes]) -> bytes | None:
+    return personal_payload(sid, fields)
+
+
+class PersonalStreams:
+    def __init__(self, redis: Any, keys: Keys, maxlen: int = 500) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = maxlen
+        self._publish = redis.register_script(PUBLISH_LUA)
+        self._open = redis.register_script(OPEN_LUA)
+        self._delivered = redis.register_script(DELIVERED_LUA)
+
+    async def publish(self, user: str, event: dict[str, Any]) -> str:
+        """Append an event (``type`` alert/room/unread...) to the user's personal stream."""
+        with unavailable_on_redis_errors("personal"):
+            sid = await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
+                                      args=[self.maxlen, orjson.dumps(event), new_epoch()])
+        return _s(sid)
+
+    async def publish_many(self, users: list[str], event: dict[str, Any]) -> dict[str, str]:
+        payload = orjson.dumps(event)
+        with unavailable_on_redis_errors("personal"):
+            pipe = self.redis.pipeline(transaction=False)
+            for user in users:
+                await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
+                                    args=[self.maxlen, payload, new_epoch()], client=pipe)
+            ids = await pipe.execute()
+        return {user: _s(sid) for user, sid in zip(users, ids, strict=True)}
+
+    async def open(self, user: str) -> tuple[str, str, str]:
+        """(epoch, delivered-up-to id, newest id) of the user's personal stream."""
+        with unavailable_on_redis_errors("personal"):
+            epoch, pdel, last_id = await self._open(
+                keys=[self.keys.user_inbox(user), self.keys.user_meta(user)], args=[new_epoch()])
+        return _s(epoch), _s(pdel), _s(last_id)
+
+    async def mark_delivered(self, user: str, sid: str) -> None:
+        with unavailable_on_redis_errors("personal"):
+            await self._delivered(keys=[self.keys.user_meta(user)], args=[sid])
+
+    async def range_after(self, user: str, after: str, upto: str,
+                          limit: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries strictly after ``after`` up to ``upto`` inclusive, at most ``limit``."""
+        if stream_id_tuple(after) >= stream_id_tuple(upto):
+            return []
+        with unavailable_on_redis_errors("personal"):
+            return await self.redis.xrange(self.keys.user_inbox(user), "(" + after, upto, count=limit)
+
+    async def first_id(self, user: str) -> str | None:
+        with unavailable_on_redis_errors("personal"):
+            first = await self.redis.xrange(self.keys.user_inbox(user), "-", "+", count=1)
+        return _s(first[0][0]) if first else None

@@ -1,0 +1,238 @@
+"""The HTTP polling fallback: the adaptive interval (pure) and stateless collection of events.
+
+A poll carries the client's cursors; any node answers it from them alone, so consecutive polls
+may hit different nodes with no sticky sessions. The interval decays while nothing happens and
+snaps back to the minimum on activity (PROTOCOL.md section 3):
+
+* after a poll that returned events: ``min_ms``;
+* after an empty one: ``min(max_ms, interval_ms * decay)``;
+* an unfocused client: at least ``unfocused_ms``;
+* a node under load multiplies the result by its load factor (at most twice ``max_ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .auth import Identity
+from .errors import BadRequest
+from .fanout import Topic
+from .metrics import METRICS
+from .personal import PersonalTopic, personal_payload
+from .protocol import message_event, parse_cursor, stream_id_tuple
+from .resume import plan_replay
+from .session import parse_cursors, room_summary
+
+if TYPE_CHECKING:
+    from .app import Node
+    from .config import Settings
+
+
+def next_poll_ms(had_events: bool, interval_ms: int | float | None, focused: bool,
+                 settings: Settings, load: float = 1.0) -> int:
+    """The interval before the client's next poll, in milliseconds."""
+    lo, hi = settings.poll_min_ms, settings.poll_max_ms
+    if had_events or not interval_ms or interval_ms <= 0:
+        interval = float(lo)
+    else:
+        interval = min(float(hi), max(float(lo), float(interval_ms)) * settings.poll_decay)
+    if not focused:
+        interval = max(interval, float(settings.poll_unfocused_ms))
+    if load > 1.0:
+        interval = min(interval * load, 2.0 * hi)
+    return int(round(interval))
+
+
+@dataclass
+class Collected:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cursors: dict[str, dict[str, str]] = field(default_factory=dict)
+    personal: dict[str, str] = field(default_factory=dict)
+    recovered: dict[str, bool] = field(default_factory=dict)
+    personal_recovered: bool = True
+    metas: dict[str, Any] = field(default_factory=dict)
+
+
+class PollWaiter:
+    """A sink-shaped object that wakes a long poll when any of its topics gets an entry."""
+
+    __slots__ = ("event", "owner", "session", "closed")
+
+    def __init__(self, owner: str) -> None:
+        self.event = asyncio.Event()
+        self.owner = owner
+        self.session = ""
+        self.closed = False
+
+    def push(self, frame: bytes) -> None:
+        self.event.set()
+
+    def push_now(self, frame: bytes) -> None:
+        self.event.set()
+
+
+class Poller:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def collect(self, identity: Identity, raw_cursors: Any, raw_personal: Any,
+                      limit_per_room: int) -> Collected:
+        """Every event after the given cursors, oldest first per room, then personal events.
+
+        Rooms without a cursor start at their newest message (no events); a cursor that cannot
+        be resumed gives a ``room`` event with ``recovered: false`` and a fresh cursor.
+        """
+        node = self.node
+        user = identity.user
+        out = Collected()
+        cursors = parse_cursors(raw_cursors)
+        rooms = await node.rooms.user_rooms(user)
+        metas = await node.sessions.room_metas(rooms)
+        out.metas = metas
+        for room, meta in metas.items():
+            cursor = cursors.get(room)
+            if cursor is None:
+                out.cursors[room] = {"epoch": meta.epoch, "id": meta.last_id}
+                continue
+            epoch, cursor_id = cursor
+            upto = meta.last_id
+            if epoch == meta.epoch and cursor_id == upto:
+                out.cursors[room] = {"epoch": epoch, "id": cursor_id}
+                continue
+            entries = await node.streams.replay_range(room, cursor_id, upto, limit_per_room) \
+                if epoch == meta.epoch else []
+            plan = plan_replay(epoch, meta.epoch, cursor_id, upto, entries, limit_per_room)
+            out.recovered[room] = plan.recovered
+            if not plan.recovered:
+                out.events.append({"type": "room", "change": "updated", "recovered": False,
+                                   "room": room_summary(meta, meta.last_id, 0, 0, 0)})
+                out.cursors[room] = {"epoch": meta.epoch, "id": meta.last_id}
+                continue
+            last = cursor_id
+            for sid, fields in plan.entries:
+                last = sid.decode()
+                out.events.append(message_event(room, last, fields))
+            out.cursors[room] = {"epoch": meta.epoch, "id": last}
+
+        epoch, pdel, last_id = await node.personal.open(user)
+        pcursor = parse_cursor(raw_personal)
+        after = pdel
+        if pcursor is not None:
+            if pcursor[0] == epoch:
+                after = pcursor[1]
+            else:
+                out.personal_recovered = False
+        entries = await node.personal.range_after(user, after, last_id, node.settings.personal_maxlen)
+        newest = after
+        for sid, fields in entries:
+            payload = personal_payload(sid.decode(), fields)
+            newest = sid.decode()
+            if payload is not None:
+                out.events.append(orjson.loads(payload))
+        if entries:
+            await node.personal.mark_delivered(user, newest)
+        out.personal = {"epoch": epoch, "id": newest}
+        # A room the user was added to shows up here as a new cursor; its `room` event
+        # (personal stream) tells the client about it.
+        return out
+
+    async def wait(self, identity: Identity, collected: Collected, wait_ms: int) -> None:
+        """Block until an entry arrives on any of the user's streams, or ``wait_ms`` passes.
+
+        Uses the node's shard readers (no Redis connection per waiting poll): the waiter joins
+        the topics like a socket would. Entries already past the collected cursors when it joins
+        wake it at once, so nothing that arrived in between is slept through.
+        """
+        node = self.node
+        waiter = PollWaiter(identity.user)
+        joined: list[Topic] = []
+        fresh: list[Topic] = []
+        try:
+            for room, cursor in collected.cursors.items():
+                meta = collected.metas.get(room)
+                if meta is None:
+                    continue
+                key = node.keys.room_stream(room)
+                topic, is_new = node.fanout.add_topic(key, node.keys.room_shard(room), room, cursor["id"],
+                                                      node.encode_room_entry, meta.epoch, "room")
+                topic.sinks.add(waiter)  # type: ignore[arg-type]
+                joined.append(topic)
+                if is_new:
+                    fresh.append(topic)
+                if stream_id_tuple(topic.pos) > stream_id_tuple(cursor["id"]):
+                    waiter.event.set()
+            pkey = node.keys.user_inbox(identity.user)
+            ptopic = node.fanout.get(pkey)
+            if ptopic is None:
+                ptopic = node.fanout.install(PersonalTopic(
+                    pkey, node.keys.user_shard(identity.user), identity.user, collected.personal["id"],
+                    collected.personal["epoch"], lambda topic, entries: None))
+                fresh.append(ptopic)
+            ptopic.sinks.add(waiter)  # type: ignore[arg-type]
+            joined.append(ptopic)
+            if stream_id_tuple(ptopic.pos) > stream_id_tuple(collected.personal["id"]):
+                waiter.event.set()
+            for topic in fresh:
+                await node.fanout.reader(topic.shard).interrupt(topic.key)
+            if not waiter.event.is_set():
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), wait_ms / 1000.0)
+                except TimeoutError:
+                    pass
+        finally:
+            for topic in joined:
+                node.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
+
+    async def poll(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
+        node = self.node
+        s = node.settings
+        wait_ms = body.get("wait_ms", 0)
+        interval_ms = body.get("interval_ms", s.poll_min_ms)
+        focused = body.get("focused", True)
+        if not isinstance(wait_ms, int) or isinstance(wait_ms, bool) or not 0 <= wait_ms <= 25000:
+            raise BadRequest("wait_ms must be an integer 0..25000")
+        if not isinstance(interval_ms, (int, float)) or isinstance(interval_ms, bool) or interval_ms < 0:
+            raise BadRequest("interval_ms must be a non-negative number")
+        focused = bool(focused)
+        collected = await self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit)
+        if not collected.events and wait_ms > 0 and not node.draining:
+            await self.wait(identity, collected, wait_ms)
+            collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
+        had_events = bool(collected.events)
+        next_ms = next_poll_ms(had_events, interval_ms, focused, s, node.load_factor())
+        await node.poll_heartbeat(identity, session, next_ms)
+        METRICS.polls.labels(result="events" if had_events else "empty").inc()
+        METRICS.next_poll.observe(next_ms / 1000.0)
+        return {"events": collected.events, "cursors": collected.cursors,
+                "personal": collected.personal, "next_poll_ms": next_ms}
+
+    async def session(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
+        """``POST /api/v1/session``: the welcome object plus the replay, for a polling client."""
+        node = self.node
+        collected = await self.collect(identity, body.get("cursors"), body.get("personal"),
+                                       node.settings.replay_limit)
+        metas: dict[str, Any] = collected.metas
+        positions = {room: c["id"] for room, c in collected.cursors.items()}
+        summaries = await node.summaries(identity.user, metas, positions)
+        await node.poll_heartbeat(identity, session, node.settings.poll_min_ms)
+        return {
+            "type": "welcome",
+            "user": {"id": identity.user, "name": identity.name},
+            "node": node.settings.node_id,
+            "session": session,
+            "server_time": node.now_ms(),
+            "rooms": summaries,
+            "recovered": collected.recovered,
+            "personal": {"epoch": collected.personal["epoch"], "recovered": collected.personal_recovered,
+                         "last_id": collected.personal["id"]},
+            "limits": node.settings.public_limits(),
+            "events": collected.events,
+            "cursors": collected.cursors,
+            "poll": {"min_ms": node.settings.poll_min_ms, "max_ms": node.settings.poll_max_ms,
+                     "decay": node.settings.poll_decay, "unfocused_ms": node.settings.poll_unfocused_ms},
+        }
+

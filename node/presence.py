@@ -1,0 +1,186 @@
+"""Presence: who is online, kept by TTLs in Redis so that a dead node needs no clean-up.
+
+Per user (all keys on the user's shard tag, so each script touches one slot):
+
+* ``user_sessions`` -- sorted set session id -> expiry (ms). A session is alive while its expiry
+  is in the future; heartbeats push it forward.
+* ``online_index[shard]`` -- sorted set user -> expiry (ms) of that shard's online users, used for
+  ``who`` in the general room, online counts and the sweeper.
+
+A heartbeat is two ZADDs whatever the number of rooms the user is in. ``presence`` events are
+emitted only on transitions: the first session coming (start returns 1) and the last one going
+(end returns 1, or the sweeper finds the user expired because their node died).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from .keys import Keys
+from .redisio import unavailable_on_redis_errors
+
+# KEYS: sessions, online-index, user-meta.  ARGV: session, expiry_ms, now_ms, name
+START_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[5]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5]) end
+redis.call('HSET', KEYS[3], 'name', ARGV[4])
+if before == 0 then return 1 end
+return 0
+"""
+
+# KEYS: sessions, online-index.  ARGV: session, expiry_ms, user
+HEARTBEAT_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+if tonumber(redis.call('PTTL', KEYS[1])) < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[3]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: sessions, online-index, user-meta.  ARGV: session, now_ms, user
+END_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local left = redis.call('ZCARD', KEYS[1])
+if left == 0 then
+  local removed = redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('HSET', KEYS[3], 'last_seen', ARGV[2])
+  return removed
+end
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('ZADD', KEYS[2], newest[2], ARGV[3])
+return 0
+"""
+
+# KEYS: online-index.  ARGV: now_ms, batch, key prefix of user keys ('cc:{sN}:u:')
+# Removes the users whose every session expired and returns them: each such user is reported by
+# exactly one caller, whichever node's sweeper gets there first.
+SWEEP_LUA = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local gone = {}
+for _, user in ipairs(expired) do
+  local skey = ARGV[3] .. user .. ':s'
+  redis.call('ZREMRANGEBYSCORE', skey, '-inf', ARGV[1])
+  local newest = redis.call('ZRANGE', skey, -1, -1, 'WITHSCORES')
+  if newest[2] then
+    redis.call('ZADD', KEYS[1], newest[2], user)
+  else
+    redis.call('ZREM', KEYS[1], user)
+    redis.call('HSET', ARGV[3] .. user .. ':m', 'last_seen', ARGV[1])
+    gone[#gone + 1] = user
+  end
+end
+return gone
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Presence:
+    def __init__(self, redis: Any, keys: Keys, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = ttl_s * 1000
+        self._start = redis.register_script(START_LUA)
+        self._heartbeat = redis.register_script(HEARTBEAT_LUA)
+        self._end = redis.register_script(END_LUA)
+        self._sweep = redis.register_script(SWEEP_LUA)
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def _keys(self, user: str) -> list[str]:
+        k = self.keys
+        return [k.user_sessions(user), k.online_index(k.user_shard(user)), k.user_meta(user)]
+
+    async def start(self, user: str, name: str, session: str, ttl_ms: int | None = None) -> bool:
+        """Register a session; True if it is the user's first live one (they came online)."""
+        now = self.now_ms()
+        with unavailable_on_redis_errors("presence"):
+            first = await self._start(keys=self._keys(user),
+                                      args=[session, now + (ttl_ms or self.ttl_ms), now, name, user])
+        return bool(int(first))
+
+    async def heartbeat(self, sessions: list[tuple[str, str]], ttl_ms: int | None = None) -> None:
+        """Refresh many (user, session) pairs in one pipeline: two ZADDs each."""
+        if not sessions:
+            return
+        expiry = self.now_ms() + (ttl_ms or self.ttl_ms)
+        k = self.keys
+        with unavailable_on_redis_errors("heartbeat"):
+            pipe = self.redis.pipeline(transaction=False)
+            for user, session in sessions:
+                await self._heartbeat(keys=[k.user_sessions(user), k.online_index(k.user_shard(user))],
+                                      args=[session, expiry, user], client=pipe)
+            await pipe.execute()
+
+    async def end(self, user: str, session: str) -> bool:
+        """Drop a session; True if it was the user's last one (they went offline)."""
+        with unavailable_on_redis_errors("presence"):
+            gone = await self._end(keys=self._keys(user), args=[session, self.now_ms(), user])
+        return bool(int(gone))
+
+    async def sweep(self, shard: int, batch: int = 500) -> list[str]:
+        """Users of ``shard`` whose sessions all expired (their node died): now offline."""
+        prefix = f"cc:{self.keys.tag(shard)}:u:"
+        with unavailable_on_redis_errors("sweep"):
+            gone = await self._sweep(keys=[self.keys.online_index(shard)],
+                                     args=[self.now_ms(), batch, prefix])
+        return [_s(u) for u in gone]
+
+    async def online_users(self, users: list[str]) -> dict[str, bool]:
+        """Which of ``users`` are online now (one ZMSCORE per user shard)."""
+        if not users:
+            return {}
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for user in users:
+            by_shard[self.keys.user_shard(user)].append(user)
+        now = self.now_ms()
+        out: dict[str, bool] = {}
+        with unavailable_on_redis_errors("presence"):
+            pipe = self.redis.pipeline(transaction=False)
+            shards = list(by_shard)
+            for shard in shards:
+                pipe.zmscore(self.keys.online_index(shard), by_shard[shard])
+            results = await pipe.execute()
+        for shard, scores in zip(shards, results, strict=True):
+            for user, score in zip(by_shard[shard], scores, strict=True):
+                out[user] = score is not None and float(score) > now
+        return out
+
+    async def online_everyone(self, limit: int) -> tuple[list[str], int]:
+        """Online users of the whole cluster (the general room): up to ``limit`` ids, and the count."""
+        now = self.now_ms()
+        with unavailable_on_redis_errors("presence"):
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(self.keys.shards):
+                pipe.zrangebyscore(self.keys.online_index(shard), now, "+inf", start=0, num=limit)
+                pipe.zcount(self.keys.online_index(shard), now, "+inf")
+            results = await pipe.execute()
+        users: list[str] = []
+        count = 0
+        for i in range(self.keys.shards):
+            users.extend(_s(u) for u in results[2 * i])
+            count += int(results[2 * i + 1])
+        users.sort()
+        return users[:limit], count
+
+    async def status(self, user: str) -> tuple[bool, int | None]:
+        """(online, last_seen ms or None)."""
+        now = self.now_ms()
+        with unavailable_on_redis_errors("presence"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcount(self.keys.user_sessions(user), now, "+inf")
+            pipe.hget(self.keys.user_meta(user), "last_seen")
+            live, last_seen = await pipe.execute()
+        online = int(live) > 0
+        return online, (None if online or last_seen is None else int(last_seen))
