@@ -165,7 +165,8 @@ class Node:
         summary: dict[str, Any] = {}
         conn = caller.extra.get("conn") if caller is not None else None
         if conn is not None:
-            position = await self.sessions.subscribe_room(conn.sub, meta.room, None)
+            async with conn.sub.lock:
+                position = await self.sessions.subscribe_room(conn.sub, meta.room, None)
             summary = (await self.summaries(caller.user, {meta.room: meta}, {meta.room: position}))[0]  # type: ignore[union-attr]
         elif caller is not None:
             summary = (await self.summaries(caller.user, {meta.room: meta}))[0]
@@ -180,7 +181,8 @@ class Node:
     async def left(self, caller: Caller, room: str) -> None:
         conn = caller.extra.get("conn")
         if conn is not None:
-            self.sessions.unsubscribe_room(conn.sub, room)
+            async with conn.sub.lock:
+                self.sessions.unsubscribe_room(conn.sub, room)
         await self.personal.publish(caller.user, {"type": "room", "change": "removed", "room": {"id": room}})
 
     def _after_personal(self, topic: Topic, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
@@ -202,11 +204,10 @@ class Node:
                 conn = self.ws.by_sink.get(sink)
                 if conn is None:
                     continue
-                if event.get("change") == "added" and room not in conn.sub.topics:
+                if event.get("change") in ("added", "removed"):
                     start = (event.get("room") or {}).get("last_id") or "0-0"
-                    self.spawn(self.sessions.subscribe_room(conn.sub, room, start), "subscribe-room")
-                elif event.get("change") == "removed":
-                    self.sessions.unsubscribe_room(conn.sub, room)
+                    self.spawn(self.sessions.reconcile_room(conn.sub, topic.name, room, start),
+                               "membership")
         self.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 
     async def open_personal(self, identity: Identity, hello: dict[str, Any], sub: Subscription,

@@ -32,6 +32,8 @@ class Subscription:
 
     sink: Sink
     topics: dict[str, Topic] = field(default_factory=dict)  # room id -> topic
+    # Serialises membership changes of this session (join/leave/invite events may race).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def room_summary(meta: RoomMeta, last_id: str, unread: int, members: int, online: int) -> dict[str, Any]:
@@ -166,6 +168,19 @@ class Sessions:
             return upto
         finally:
             sink.release()
+
+    async def reconcile_room(self, sub: Subscription, user: str, room: str, start: str | None) -> None:
+        """Make the session's subscription to ``room`` match the membership in Redis.
+
+        Membership events can arrive late or out of step with the session's own commands;
+        checking the source of truth under the session's lock makes their order irrelevant.
+        """
+        async with sub.lock:
+            member = await self.node.rooms.is_member(user, room)
+            if member and room not in sub.topics:
+                await self.subscribe_room(sub, room, start)
+            elif not member and room in sub.topics:
+                self.unsubscribe_room(sub, room)
 
     def unsubscribe_room(self, sub: Subscription, room: str) -> None:
         topic = sub.topics.pop(room, None)
