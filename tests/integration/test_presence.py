@@ -1,0 +1,146 @@
+"""Presence, typing, unread counts and personal events across two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+
+from node.client import ChatClient
+
+
+async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
+    while True:
+        event = await client.next_event(timeout=timeout)
+        if predicate(event):
+            return event
+
+
+def presence_of(user: str, status: str):
+    return lambda e: e["type"] == "presence" and e.get("user", {}).get("id") == user and e.get("status") == status
+
+
+async def test_second_tab_does_not_flap_presence(start_nodes, clients):
+    a, b = start_nodes(2)
+    watcher = await clients(a.ws_url, user="watcher")
+    tab1 = await clients(b.ws_url, user="carol")
+    event = await until(watcher, presence_of("carol", "online"))
+    assert event["room"] == "general"
+    tab2 = await clients(a.ws_url, user="carol")
+    await tab1.close()
+    # Carol is still online through tab2: no offline event; the next presence event the
+    # watcher sees must be the one after tab2 closes too.
+    await tab2.close()
+    event = await until(watcher, lambda e: e["type"] == "presence" and e["user"]["id"] == "carol")
+    assert event["status"] == "offline"
+    where = await watcher.request("where", user="carol")
+    assert where["online"] is False and isinstance(where["last_seen"], int)
+
+
+async def test_killed_node_users_go_offline_within_the_ttl(start_nodes, clients):
+    a, b = start_nodes(2, CHAT_PRESENCE_TTL=3)
+    watcher = await clients(a.ws_url, user="watcher")
+    await clients(b.ws_url, user="dave", reconnect=False)
+    await until(watcher, presence_of("dave", "online"))
+    assert (await watcher.request("where", user="dave"))["online"] is True
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    b.proc.signal(signal.SIGKILL)
+    await until(watcher, presence_of("dave", "offline"), timeout=15)
+    # TTL (3 s) plus one sweep interval at most.
+    assert loop.time() - killed_at < 3 + 2.5
+    who = await watcher.request("who", room="general")
+    assert "dave" not in who["online"] and "watcher" in who["online"]
+
+
+async def test_typing_crosses_nodes_is_throttled_and_not_echoed(start_nodes, clients):
+    a, b = start_nodes(2, CHAT_TYPING_INTERVAL_MS=60000)
+    alice_a = await clients(a.ws_url, user="alice")
+    alice_b = await clients(b.ws_url, user="alice")
+    bob = await clients(b.ws_url, user="bob")
+    first = await alice_a.request("typing", room="general")
+    second = await alice_a.request("typing", room="general")
+    assert first == {"sent": True} and second == {"sent": False}
+    event = await until(bob, lambda e: e["type"] == "typing")
+    assert event == {"type": "typing", "room": "general", "user": {"id": "alice", "name": "alice"}}
+    # Throttled across nodes too: Alice's other session on node b cannot publish again.
+    assert await alice_b.request("typing", room="general") == {"sent": False}
+    # Never echoed to Alice's own sessions, never stored in history.
+    await bob.send("general", "marker")
+    for session in (alice_a, alice_b):
+        event = await until(session, lambda e: e["type"] in ("typing", "message"))
+        assert event["type"] == "message" and event["text"] == "marker"
+    assert [m["text"] for m in (await bob.history("general"))["messages"]] == ["marker"]
+    # A late joiner gets no replayed typing.
+    late = await clients(a.ws_url, user="late")
+    await alice_a.send("general", "second marker")
+    event = await until(late, lambda e: e["type"] in ("typing", "message"))
+    assert event["type"] == "message"
+
+
+async def test_unread_counts_follow_read_markers_across_sessions(start_nodes, clients):
+    a, b = start_nodes(2)
+    alice = await clients(a.ws_url, user="alice")
+    bob_a = await clients(a.ws_url, user="bob")
+    bob_b = await clients(b.ws_url, user="bob")
+    ids = [(await alice.send("general", f"u{i}"))["id"] for i in range(5)]
+    read = await bob_a.request("read", room="general", id=ids[1])
+    assert read == {"unread": 3, "read_id": ids[1]}
+    event = await until(bob_b, lambda e: e["type"] == "unread")
+    assert event["room"] == "general" and event["unread"] == 3 and event["read_id"] == ids[1]
+    # Markers only move forward.
+    back = await bob_b.request("read", room="general", id=ids[0])
+    assert back == {"unread": 3, "read_id": ids[1]}
+    fresh = await clients(b.ws_url, user="bob")
+    general = [r for r in fresh.welcome["rooms"] if r["id"] == "general"][0]
+    assert general["unread"] == 3 and general["seq"] == 5
+    await bob_a.request("read", room="general", id=ids[4])
+    again = await clients(a.ws_url, user="bob")
+    assert [r for r in again.welcome["rooms"] if r["id"] == "general"][0]["unread"] == 0
+
+
+async def post(url: str, body: dict, key: str = "test-api-key") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as http, http.post(
+        url, json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_alert_to_offline_user_arrives_exactly_once_at_next_login(start_nodes, clients):
+    a, b = start_nodes(2)
+    online = await clients(a.ws_url, user="olive")
+    status, body = await post(f"{b.http_url}/api/v1/alerts",
+                              {"to": ["olive", "frank"], "kind": "email", "title": "New mail",
+                               "body": "from the boss", "data": {"folder": "inbox"}})
+    assert status == 200 and body["online"] == ["olive"] and body["queued"] == ["frank"]
+    live = await until(online, lambda e: e["type"] == "alert")
+    assert (live["kind"], live["title"], live["data"]) == ("email", "New mail", {"folder": "inbox"})
+    frank = await clients(b.ws_url, user="frank")
+    replayed = await until(frank, lambda e: e["type"] == "alert")
+    assert replayed["id"] == body["id"] and replayed["body"] == "from the boss"
+    await frank.close()
+    # Next login, no cursor given: nothing replayed twice.
+    frank2 = await clients(a.ws_url, user="frank")
+    await post(f"{a.http_url}/api/v1/alerts", {"to": ["frank"], "kind": "call", "title": "Call from Ann"})
+    event = await until(frank2, lambda e: e["type"] == "alert")
+    assert event["kind"] == "call"
+
+
+async def test_server_endpoints_check_the_key_and_inputs(start_nodes, clients):
+    (a,) = start_nodes(1)
+    alice = await clients(a.ws_url, user="alice")
+    status, body = await post(f"{a.http_url}/api/v1/alerts", {"to": ["alice"], "title": "x"}, key="wrong")
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, body = await post(f"{a.http_url}/api/v1/alerts", {"to": [], "title": "x"})
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    status, body = await post(f"{a.http_url}/api/v1/rooms/general/messages", {"text": "Deploy at 5", "as": "Ops bot"})
+    assert status == 200 and body["seq"] >= 1
+    event = await until(alice, lambda e: e["type"] == "message")
+    assert event["kind"] == "system" and event["from"]["name"] == "Ops bot" and event["text"] == "Deploy at 5"
+    status, body = await post(f"{a.http_url}/api/v1/rooms/r-nosuchroom0/messages", {"text": "x"})
+    assert status == 404
+    status, body = await post(f"{a.http_url}/api/v1/tokens", {"user": "zoe", "name": "Zoe", "ttl_s": 600})
+    assert status == 200 and body["token"].count(".") == 2
+    zoe = await clients(a.ws_url, token=body["token"])
+    assert zoe.welcome["user"] == {"id": "zoe", "name": "Zoe"}
