@@ -1,0 +1,169 @@
+"""The HTTP polling fallback against real nodes: stateless across nodes, long-poll, decay, presence."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+
+
+class Poller:
+    """A minimal polling client speaking PROTOCOL.md section 3, alternating between nodes."""
+
+    def __init__(self, http: aiohttp.ClientSession, urls: list[str], user: str) -> None:
+        self.http = http
+        self.urls = urls
+        self.user = user
+        self.turn = 0
+        self.cursors: dict[str, Any] = {}
+        self.personal: dict[str, Any] | None = None
+        self.session = ""
+        self.interval = 0
+        self.requests = 0
+
+    def url(self, path: str) -> str:
+        self.turn += 1
+        return self.urls[self.turn % len(self.urls)] + path
+
+    async def call(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.requests += 1
+        async with self.http.post(self.url(path), json=body,
+                                  headers={"Authorization": f"Bearer dev:{self.user}"}) as response:
+            return response.status, await response.json()
+
+    async def start(self) -> dict[str, Any]:
+        status, welcome = await self.call("/api/v1/session", {"name": self.user.title()})
+        assert status == 200, welcome
+        self.cursors = welcome["cursors"]
+        self.personal = {"epoch": welcome["personal"]["epoch"], "id": welcome["personal"]["last_id"]}
+        self.session = welcome["session"]
+        return welcome
+
+    async def poll(self, wait_ms: int = 0, focused: bool = True) -> list[dict[str, Any]]:
+        status, body = await self.call("/api/v1/poll", {
+            "cursors": self.cursors, "personal": self.personal, "wait_ms": wait_ms,
+            "interval_ms": self.interval, "focused": focused, "session": self.session})
+        assert status == 200, body
+        self.cursors, self.personal, self.interval = body["cursors"], body["personal"], body["next_poll_ms"]
+        return body["events"]
+
+
+async def test_polls_across_nodes_lose_nothing_and_repeat_nothing(start_nodes, clients):
+    a, b = start_nodes(2)
+    sender = await clients(a.ws_url, user="sender")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url, b.http_url], "pat")
+        welcome = await poller.start()
+        assert welcome["type"] == "welcome" and welcome["user"]["id"] == "pat"
+        got: list[str] = []
+        for batch in range(5):
+            for i in range(7):
+                await sender.send("general", f"p{batch}-{i}")
+            events = await poller.poll()
+            got += [e["text"] for e in events if e["type"] == "message"]
+        assert got == [f"p{b}-{i}" for b in range(5) for i in range(7)]
+        assert await poller.poll() == []
+
+
+async def test_long_poll_wakes_on_a_message_and_on_an_alert(start_nodes, clients):
+    a, b = start_nodes(2)
+    sender = await clients(b.ws_url, user="sender")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "lou")
+        await poller.start()
+        waiting = asyncio.create_task(poller.poll(wait_ms=20000))
+        await asyncio.sleep(0)  # let the poll go out; the wake-up below is what the test awaits
+        await sender.send("general", "wake up")
+        events = await asyncio.wait_for(waiting, 10)
+        assert [e["text"] for e in events] == ["wake up"]
+        waiting = asyncio.create_task(poller.poll(wait_ms=20000))
+        async with http.post(f"{b.http_url}/api/v1/alerts",
+                             json={"to": ["lou"], "kind": "call", "title": "Incoming call"},
+                             headers={"Authorization": "Bearer test-api-key"}) as response:
+            assert response.status == 200
+        events = await asyncio.wait_for(waiting, 10)
+        assert [(e["type"], e["title"]) for e in events] == [("alert", "Incoming call")]
+        assert "pid" in events[0] and poller.personal["id"] == events[0]["pid"]
+
+
+async def test_interval_decays_while_idle_and_snaps_back(start_nodes, clients):
+    (a,) = start_nodes(1, CHAT_POLL_MIN_MS=100, CHAT_POLL_MAX_MS=1000, CHAT_POLL_DECAY=2,
+                       CHAT_POLL_UNFOCUSED_MS=800)
+    sender = await clients(a.ws_url, user="sender")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "ida")
+        await poller.start()
+        poller.interval = 100
+        seen = []
+        for _ in range(5):
+            assert await poller.poll() == []
+            seen.append(poller.interval)
+        assert seen == [200, 400, 800, 1000, 1000]
+        await sender.send("general", "activity")
+        assert len(await poller.poll()) == 1
+        assert poller.interval == 100
+        await poller.poll(focused=False)
+        assert poller.interval == 800
+
+
+async def test_polling_user_is_online_and_commands_share_the_dispatcher(start_nodes, clients):
+    a, b = start_nodes(2)
+    watcher = await clients(a.ws_url, user="watcher")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [b.http_url], "polly")
+        await poller.start()
+        where = await watcher.request("where", user="polly")
+        assert where["online"] is True
+        status, reply = await poller.call("/api/v1/command", {"type": "send", "ref": "r1", "room": "general", "text": "via http"})
+        assert status == 200 and reply["ok"] and reply["ref"] == "r1"
+        event = await watcher.next_event("message")
+        assert event["text"] == "via http" and event["from"]["id"] == "polly"
+        status, reply = await poller.call("/api/v1/command", {"type": "history", "ref": 2, "room": "dm:a:b"})
+        assert status == 404 and reply == {"type": "reply", "ok": False, "ref": 2,
+                                           "error": {"code": "not_found", "message": "no such room"}}
+        status, reply = await poller.call("/api/v1/command", {"type": "send", "room": "general"})
+        assert status == 400 and reply["error"]["code"] == "bad_request"
+        async with http.post(f"{a.http_url}/api/v1/poll", json={}, headers={}) as response:
+            assert response.status == 401
+
+
+async def idle_requests(node_url: str, scale: float, minutes: float) -> int:
+    """Requests a focused idle polling client makes over ``minutes`` (intervals scaled by ``scale``)."""
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [node_url], "idle")
+        await poller.start()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + minutes * 60 * scale
+        poller.interval = 0
+        while True:
+            await poller.poll()
+            if loop.time() + poller.interval / 1000 > end:
+                return poller.requests - 1  # the session request is not a poll
+            await asyncio.sleep(poller.interval / 1000)  # the client honouring next_poll_ms
+
+
+async def test_idle_client_makes_at_most_30_requests_in_10_minutes(start_nodes):
+    # Every interval scaled down by 100 (defaults 1000/30000/15000 ms -> 10/300/150 ms):
+    # ten minutes become six seconds; the number of requests is what the defaults give.
+    scale = 0.01
+    (a,) = start_nodes(1, CHAT_POLL_MIN_MS=10, CHAT_POLL_MAX_MS=300, CHAT_POLL_UNFOCUSED_MS=150)
+    count = await idle_requests(a.http_url, scale, 10)
+    assert count <= 30, count
+    assert count >= 20, count  # and it does keep polling
+
+
+async def test_epoch_change_is_reported_to_a_poller(start_nodes, clients, redis_server):
+    (a,) = start_nodes(1)
+    sender = await clients(a.ws_url, user="sender")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "eve")
+        await poller.start()
+        poller.cursors["general"]["epoch"] = "stale-epoch"
+        events = await poller.poll()
+        assert events[0]["type"] == "room" and events[0]["recovered"] is False
+        assert poller.cursors["general"]["epoch"] != "stale-epoch"
+        await sender.send("general", "after")
+        assert [e["text"] for e in await poller.poll()] == ["after"]
+
