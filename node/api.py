@@ -88,7 +88,12 @@ async def poll(request: web.Request) -> web.Response:
     node = _node(request)
     identity = _user(request)
     body = await read_json(request, max(node.settings.max_frame_bytes, 262144))
-    return json_response(await request.app[POLLER_KEY].poll(identity, body, _session_id(body)))
+    open_polls = METRICS.connections_open.labels(transport="poll")
+    open_polls.inc()
+    try:
+        return json_response(await request.app[POLLER_KEY].poll(identity, body, _session_id(body)))
+    finally:
+        open_polls.dec()
 
 
 def _loose(raw: bytes) -> Any:

@@ -219,6 +219,10 @@ class ShardReader:
         self.wake = asyncio.Event()
         self.conn: Any = None
         self.healthy = False
+        # Age of the newest entry of the last read (0 after a read that timed out empty: caught
+        # up). Exported as the max over readers at scrape time, so an idle shard never keeps a
+        # stale lag from its last burst.
+        self.lag = 0.0
 
     async def interrupt(self, key: str) -> None:
         """Make the reader re-arm its XREAD so that it includes ``key``.
@@ -285,6 +289,8 @@ class ShardReader:
                 continue
             if result:
                 self.fanout.dispatch(self, result)
+            else:
+                self.lag = 0.0
 
     async def _drop_conn(self) -> None:
         conn, self.conn, self.client_id = self.conn, None, None
@@ -396,11 +402,15 @@ class Fanout:
         if delivered:
             METRICS.messages_delivered.inc(delivered)
         if newest:
-            METRICS.reader_lag.set(max(0.0, now_ms - newest) / 1000.0)
+            reader.lag = max(0.0, now_ms - newest) / 1000.0
 
     async def on_reader_reconnect(self, reader: ShardReader) -> None:
         if self._on_epoch_check is not None:
             await self._on_epoch_check(reader)
+
+    def lag(self) -> float:
+        """The stream reader lag of this node: the worst of its shard readers, in seconds."""
+        return max((r.lag for r in self.readers.values() if r.topics), default=0.0)
 
     def healthy(self) -> bool:
         return all(r.healthy or not r.topics for r in self.readers.values())

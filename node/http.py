@@ -90,6 +90,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("HTTP handler failed", extra={"path": request.path})
         response = json_response({"error": {"code": "internal", "message": "internal error"}}, 500)
     response.headers.update(cors)
+    if request.path.startswith("/api/"):
+        METRICS.http_responses.labels(status=f"{response.status // 100}xx").inc()
     return response
 
 
@@ -106,6 +108,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    # Sampled here rather than kept current: they are cheap to compute once per scrape.
+    METRICS.ready.set(1 if node.ready() else 0)
+    if node.fanout is not None:
+        METRICS.reader_lag.set(node.fanout.lag())
     return web.Response(body=METRICS.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 

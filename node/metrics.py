@@ -15,11 +15,23 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 
+# The ``_created`` series double the series count for nothing Prometheus queries use.
+disable_created_metrics()
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SIZE_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000)
+
+# The bounded label sets (see ``_zero_fill``). Other values may appear (a command type, a Redis
+# op); they come from the code, never from clients.
+TRANSPORTS = ("ws", "poll")  # poll: HTTP polls in flight (long polls hold a request open)
+CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "4001", "4002", "4003",
+               "4500", "4501", "4502", "other")
+HANDSHAKE_REJECTIONS = ("origin", "draining", "full", "timeout", "auth")
+PROTOCOL_ERRORS = ("binary", "malformed", "before_hello")
 
 
 class Metrics:
@@ -57,7 +69,8 @@ class Metrics:
         self.redis_errors = Counter(
             "chatcluster_redis_errors_total", "Redis command failures", ["op"], registry=r)
         self.reader_lag = Gauge(
-            "chatcluster_stream_reader_lag_seconds", "Age of the newest entry when it was read (max over shards)",
+            "chatcluster_stream_reader_lag_seconds",
+            "Age of the newest entry of the last read, worst shard reader (0 when caught up)",
             registry=r)
         self.readers = Gauge("chatcluster_stream_readers", "Shard readers running", registry=r)
         self.commands = Counter(
@@ -78,6 +91,32 @@ class Metrics:
         self.loop_lag = Gauge(
             "chatcluster_event_loop_lag_seconds", "Event loop scheduling delay (last sample)", registry=r)
         self.draining = Gauge("chatcluster_draining", "1 while the node drains", registry=r)
+        self.ready = Gauge(
+            "chatcluster_ready", "1 while /readyz would answer 200 (sampled at scrape time)", registry=r)
+        self.http_responses = Counter(
+            "chatcluster_http_responses_total", "HTTP API responses, by status class", ["status"], registry=r)
+        self._zero_fill()
+
+    def _zero_fill(self) -> None:
+        """Create the children of every known label value, so that each series exists (at 0)
+        from the first scrape: ``rate()`` of a series that appears only on its first event
+        misses that event, and dashboards and alerts would show "no data" instead of zero."""
+        for transport in TRANSPORTS:
+            self.connections_open.labels(transport=transport)
+        for code in CLOSE_CODES:
+            self.connections_closed.labels(code=code)
+        for reason in HANDSHAKE_REJECTIONS:
+            self.hello_rejected.labels(reason=reason)
+        for recovered in ("true", "false"):
+            self.resumes.labels(recovered=recovered)
+        for kind in PROTOCOL_ERRORS:
+            self.protocol_errors.labels(kind=kind)
+        for result in ("events", "empty"):
+            self.polls.labels(result=result)
+        self.rate_limited.labels(limit="commands")
+        self.redis_errors.labels(op="xread")
+        for status in ("2xx", "3xx", "4xx", "5xx"):
+            self.http_responses.labels(status=status)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

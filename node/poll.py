@@ -13,6 +13,7 @@ snaps back to the minimum on activity (PROTOCOL.md section 3):
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -205,6 +206,7 @@ class Poller:
         had_events = bool(collected.events)
         next_ms = next_poll_ms(had_events, interval_ms, focused, s, node.load_factor())
         await node.poll_heartbeat(identity, session, next_ms)
+        METRICS.presence_heartbeats.inc()
         METRICS.polls.labels(result="events" if had_events else "empty").inc()
         METRICS.next_poll.observe(next_ms / 1000.0)
         return {"events": collected.events, "cursors": collected.cursors,
@@ -219,6 +221,12 @@ class Poller:
         positions = {room: c["id"] for room, c in collected.cursors.items()}
         summaries = await node.summaries(identity.user, metas, positions)
         await node.poll_heartbeat(identity, session, node.settings.poll_min_ms)
+        METRICS.presence_heartbeats.inc()
+        if collected.recovered:  # a polling client resuming with cursors, as a WebSocket hello
+            replayed = Counter(e["room"] for e in collected.events if e.get("type") == "message")
+            for room, recovered in collected.recovered.items():
+                METRICS.resumes.labels(recovered="true" if recovered else "false").inc()
+                METRICS.replay_messages.observe(replayed[room])
         return {
             "type": "welcome",
             "user": {"id": identity.user, "name": identity.name},

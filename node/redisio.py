@@ -54,22 +54,36 @@ def connect_dedicated(url: str, block_ms: int) -> aioredis.Redis:
                                    socket_timeout=block_ms / 1000.0 + 10.0, socket_keepalive=True)
 
 
+# op -> (latency histogram child, error counter child). Ops are literals in the code (a small
+# set); caching the children skips the label lookup per command, and creating the error child
+# with the first command makes its series exist at 0 (so rate() and alerts see the first error).
+_INSTRUMENTS: dict[str, tuple[Any, Any]] = {}
+
+
+def _instruments(op: str) -> tuple[Any, Any]:
+    found = _INSTRUMENTS.get(op)
+    if found is None:
+        found = _INSTRUMENTS[op] = (METRICS.redis_latency.labels(op=op), METRICS.redis_errors.labels(op=op))
+    return found
+
+
 @contextlib.contextmanager
 def unavailable_on_redis_errors(op: str = "command") -> Iterator[None]:
     """Map transient Redis errors to :class:`Unavailable` and count them."""
+    latency, errors = _instruments(op)
     start = time.perf_counter()
     try:
         yield
     except TRANSIENT as exc:
-        METRICS.redis_errors.labels(op=op).inc()
+        errors.inc()
         raise Unavailable("Redis is unreachable, retry shortly") from exc
     except rexc.ResponseError as exc:
-        METRICS.redis_errors.labels(op=op).inc()
+        errors.inc()
         if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "CLUSTERDOWN" in str(exc):
             raise Unavailable("Redis is not ready, retry shortly") from exc
         raise
     finally:
-        METRICS.redis_latency.labels(op=op).observe(time.perf_counter() - start)
+        latency.observe(time.perf_counter() - start)
 
 
 @contextlib.asynccontextmanager

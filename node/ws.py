@@ -33,7 +33,7 @@ from .errors import (
     error_body,
 )
 from .fanout import Sink
-from .metrics import METRICS
+from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
 from .ratelimit import TokenBucket
 from .session import Subscription
@@ -269,5 +269,5 @@ def _loose(raw: str) -> Any:
 
 
 def _code_label(code: int) -> str:
-    known = {1000, 1001, 1006, 1009, 1011, 1013, 4001, 4002, 4003, 4500, 4501, 4502}
-    return str(code) if code in known else "other"
+    label = str(code)
+    return label if label in CLOSE_CODES else "other"
