@@ -19,7 +19,59 @@ let loadingOlder = false;
 const typers = new Map(); // user id -> {name, until}
 let lastTypingSent = 0;
 
+// localStorage, or (a third-party iframe whose storage the browser denies) memory mirrored to
+// the embedding page's widget.js, which keeps it in the host's own storage.
+const memory = new Map();
+const local = (() => { try { localStorage.getItem("x"); return localStorage; } catch { return null; } })();
+const store = {
+  getItem: (k) => (local ? local.getItem(k) : memory.has(k) ? memory.get(k) : null),
+  setItem: (k, v) => {
+    if (local) { local.setItem(k, v); return; }
+    memory.set(k, String(v));
+    if (embedded) parent.postMessage({ type: "chatcluster:store", key: k, value: String(v) }, parentOrigin);
+  },
+  removeItem: (k) => {
+    if (local) { local.removeItem(k); return; }
+    memory.delete(k);
+    if (embedded) parent.postMessage({ type: "chatcluster:store", key: k, value: null }, parentOrigin);
+  },
+};
+const parentOrigin = (() => { try { return new URL(document.referrer).origin; } catch { return "*"; } })();
 document.body.classList.toggle("compact", compact);
+
+// -- icons (inline SVG: no icon font, no emoji font needed) --------------------------------
+const ICONS = {
+  plus: '<path d="M12 5v14M5 12h14"/>',
+  mail: '<rect x="3" y="5" width="18" height="14" rx="2"/><path d="m3 7 9 6 9-6"/>',
+  search: '<circle cx="11" cy="11" r="7"/><path d="m20 20-3.5-3.5"/>',
+  lock: '<rect x="5" y="11" width="14" height="10" rx="2"/><path d="M8 11V7a4 4 0 0 1 8 0v4"/>',
+  hash: '<path d="M5 9h14M5 15h14M10 4 8 20M16 4l-2 16"/>',
+  logout: '<path d="M15 4h3a2 2 0 0 1 2 2v12a2 2 0 0 1-2 2h-3M10 17l5-5-5-5M15 12H3"/>',
+  menu: '<path d="M4 6h16M4 12h16M4 18h16"/>',
+  send: '<path d="m22 2-7 20-4-9-9-4z"/><path d="M22 2 11 13"/>',
+  users: '<circle cx="9" cy="8" r="4"/><path d="M2 21a7 7 0 0 1 14 0M16 4a4 4 0 0 1 0 8M22 21a7 7 0 0 0-4-6.3"/>',
+  invite: '<circle cx="9" cy="8" r="4"/><path d="M2 21a7 7 0 0 1 14 0M19 8v6M16 11h6"/>',
+  leave: '<path d="M9 4H6a2 2 0 0 0-2 2v12a2 2 0 0 0 2 2h3M16 17l5-5-5-5M21 12H9"/>',
+  x: '<path d="M6 6l12 12M18 6 6 18"/>',
+  email: '<rect x="3" y="5" width="18" height="14" rx="2"/><path d="m3 7 9 6 9-6"/>',
+  call: '<path d="M22 16.9v3a2 2 0 0 1-2.2 2 19.8 19.8 0 0 1-8.6-3.1 19.5 19.5 0 0 1-6-6A19.8 19.8 0 0 1 2.1 4.2 2 2 0 0 1 4.1 2h3a2 2 0 0 1 2 1.7c.1.9.4 1.8.7 2.7a2 2 0 0 1-.5 2.1L8 9.8a16 16 0 0 0 6 6l1.3-1.3a2 2 0 0 1 2.1-.4c.9.3 1.8.6 2.7.7a2 2 0 0 1 1.7 2z"/>',
+  voicemail: '<circle cx="6" cy="12" r="4"/><circle cx="18" cy="12" r="4"/><path d="M6 16h12"/>',
+  system: '<circle cx="12" cy="12" r="3"/><path d="M19.4 15a1.7 1.7 0 0 0 .3 1.8l.1.1a2 2 0 1 1-2.8 2.8l-.1-.1a1.7 1.7 0 0 0-1.8-.3 1.7 1.7 0 0 0-1 1.5V21a2 2 0 1 1-4 0v-.1a1.7 1.7 0 0 0-1.1-1.5 1.7 1.7 0 0 0-1.8.3l-.1.1a2 2 0 1 1-2.8-2.8l.1-.1a1.7 1.7 0 0 0 .3-1.8 1.7 1.7 0 0 0-1.5-1H3a2 2 0 1 1 0-4h.1a1.7 1.7 0 0 0 1.5-1.1 1.7 1.7 0 0 0-.3-1.8l-.1-.1a2 2 0 1 1 2.8-2.8l.1.1a1.7 1.7 0 0 0 1.8.3H9a1.7 1.7 0 0 0 1-1.5V3a2 2 0 1 1 4 0v.1a1.7 1.7 0 0 0 1 1.5 1.7 1.7 0 0 0 1.8-.3l.1-.1a2 2 0 1 1 2.8 2.8l-.1.1a1.7 1.7 0 0 0-.3 1.8V9a1.7 1.7 0 0 0 1.5 1H21a2 2 0 1 1 0 4h-.1a1.7 1.7 0 0 0-1.5 1z"/>',
+  message: '<path d="M21 12a8 8 0 0 1-11.6 7.1L4 20l1-4.6A8 8 0 1 1 21 12z"/>',
+  info: '<circle cx="12" cy="12" r="9"/><path d="M12 11v5M12 8h.01"/>',
+  error: '<path d="M10.3 3.9 1.8 18a2 2 0 0 0 1.7 3h17a2 2 0 0 0 1.7-3L13.7 3.9a2 2 0 0 0-3.4 0zM12 9v4M12 17h.01"/>',
+};
+
+function icon(name) {
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("class", `ic ic-${name}`);
+  svg.setAttribute("aria-hidden", "true");
+  svg.innerHTML = ICONS[name] || ICONS.info;
+  return svg;
+}
+
+for (const slot of document.querySelectorAll("[data-icon]")) slot.replaceWith(icon(slot.dataset.icon));
 
 // -- helpers -------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -62,7 +114,11 @@ function roomLabel(r) {
 }
 
 function roomIcon(r) {
-  return r.kind === "closed" ? "🔒" : r.kind === "direct" ? "" : "#";
+  return r.kind === "closed" ? icon("lock") : r.kind === "direct" ? "" : icon("hash");
+}
+
+function roomText(r) {
+  return `${r.kind === "direct" ? "@" : "#"}${roomLabel(r)}`;
 }
 
 function linkify(text) {
@@ -79,15 +135,14 @@ function linkify(text) {
 }
 
 // -- toasts --------------------------------------------------------------------------------
-const ALERT_ICONS = { email: "✉️", call: "📞", voicemail: "📼", system: "⚙️", message: "💬", error: "⚠️", info: "ℹ️" };
 
 export function toast({ title, body, kind = "info", timeout = 6000, onclick }) {
   const t = el("div", { class: `toast toast-${kind}`, role: "status", dataset: { kind } },
-    el("span", { class: "toast-icon", "aria-hidden": "true" }, ALERT_ICONS[kind] || "🔔"),
+    el("span", { class: "toast-icon", "aria-hidden": "true" }, icon(ICONS[kind] ? kind : "info")),
     el("div", { class: "toast-main" },
       el("strong", { class: "toast-title" }, title || ""),
       body ? el("p", { class: "toast-body" }, body) : null),
-    el("button", { class: "toast-close", "aria-label": "Dismiss", onclick: (e) => { e.stopPropagation(); hide(); } }, "✕"));
+    el("button", { class: "toast-close", "aria-label": "Dismiss", onclick: (e) => { e.stopPropagation(); hide(); } }, icon("x")));
   if (onclick) t.addEventListener("click", () => { onclick(); hide(); });
   $("#toasts").append(t);
   requestAnimationFrame(() => requestAnimationFrame(() => t.classList.add("in")));
@@ -110,7 +165,7 @@ function savedLogin() {
   if (params.get("user")) return { user: params.get("user"), name: params.get("name") || params.get("user") };
   const hash = new URLSearchParams(location.hash.slice(1));
   if (hash.get("token")) return { token: hash.get("token") };
-  try { return JSON.parse(localStorage.getItem(LOGIN_KEY) || "null"); } catch { return null; }
+  try { return JSON.parse(store.getItem(LOGIN_KEY) || "null"); } catch { return null; }
 }
 
 function showLogin(error = "") {
@@ -136,12 +191,12 @@ $("#login-form").addEventListener("submit", (e) => {
     if (!name) return;
     login = { user: userIdFromName(name), name };
   }
-  localStorage.setItem(LOGIN_KEY, JSON.stringify(login));
+  store.setItem(LOGIN_KEY, JSON.stringify(login));
   start(login);
 });
 
 $("#logout").addEventListener("click", () => {
-  localStorage.removeItem(LOGIN_KEY);
+  store.removeItem(LOGIN_KEY);
   if (client) client.close();
   client = null;
   showLogin();
@@ -151,7 +206,7 @@ $("#logout").addEventListener("click", () => {
 async function start(login) {
   if (client) client.close();
   try {
-    client = new ChatClient(login);
+    client = new ChatClient({ ...login, storage: store });
   } catch (err) {
     showLogin(err.message);
     return;
@@ -182,7 +237,7 @@ function bindClient(c) {
   c.on("focus", () => { if (current) client.markRead(current); });
   c.on("stopped", (e) => {
     if (e.code === 4500) {
-      localStorage.removeItem(LOGIN_KEY);
+      store.removeItem(LOGIN_KEY);
       showLogin("Your session is no longer valid; please sign in again.");
     } else {
       toast({ kind: "error", title: "Disconnected", body: `The server closed the connection (${e.code}). Reload to reconnect.`, timeout: 15000 });
@@ -193,7 +248,7 @@ function bindClient(c) {
 function renderAll() {
   $("#me-name").textContent = client.user.name || client.user.id;
   if (!current || !client.rooms.has(current)) {
-    const wanted = params.get("room") || localStorage.getItem(ROOM_KEY);
+    const wanted = params.get("room") || store.getItem(ROOM_KEY);
     current = client.rooms.has(wanted) ? wanted : client.rooms.has("general") ? "general" : client.rooms.keys().next().value || null;
     if (current) openRoom(current);
   } else {
@@ -266,13 +321,13 @@ function renderRooms() {
   const other = total - ((client.rooms.get(current) || {}).unread || 0);
   $("#menu-badge").hidden = other <= 0;
   $("#menu-badge").textContent = other > 99 ? "99+" : other;
-  if (embedded) parent.postMessage({ type: "chatcluster:unread", count: total }, "*");
+  if (embedded) parent.postMessage({ type: "chatcluster:unread", count: total }, parentOrigin);
 }
 
 function renderHeader() {
   const r = client && client.rooms.get(current);
   if (!r) return;
-  $("#room-name").textContent = `${roomIcon(r)} ${roomLabel(r)}`.trim();
+  $("#room-name").replaceChildren(roomIcon(r), roomLabel(r));
   const kind = { general: "Everyone", open: "Open room", closed: "Private room", direct: "Direct message" }[r.kind] || "";
   $("#room-sub").textContent = r.kind === "direct" ? (peerOnline(r) ? "online" : "offline")
     : `${kind} · ${r.members || 0} member${r.members === 1 ? "" : "s"}`;
@@ -285,7 +340,7 @@ function renderHeader() {
 function openRoom(id) {
   if (!client.rooms.has(id)) return;
   current = id;
-  localStorage.setItem(ROOM_KEY, id);
+  store.setItem(ROOM_KEY, id);
   typers.clear();
   renderTyping();
   renderRooms();
@@ -344,7 +399,7 @@ $("#new-pill").addEventListener("click", () => { scrollToBottom(); $("#new-pill"
 function onRoomEvent(ev) {
   const r = ev.room || {};
   if (ev.change === "added" && r.kind !== "direct") {
-    toast({ kind: "info", title: `You were added to #${r.name || r.id}`, onclick: () => openRoom(r.id) });
+    toast({ kind: "info", title: `You were added to ${roomText(r)}`, onclick: () => openRoom(r.id) });
   }
   if (ev.change === "removed" && r.id === current) openRoom("general");
   if (ev.recovered === false && r.id === current) openRoom(current);
@@ -524,7 +579,7 @@ async function textCommand(text) {
       }
       case "rooms": {
         const d = await client.listRooms(arg || undefined);
-        const list = (d.rooms || []).map((r) => `${roomIcon(r)}${roomLabel(r)} (${r.online || 0}/${r.members || 0})`);
+        const list = (d.rooms || []).map((r) => `${roomText(r)} (${r.online || 0}/${r.members || 0})`);
         note(`Rooms: ${list.join(", ") || "none"}`);
         break;
       }
@@ -625,7 +680,7 @@ $("#new-dm").addEventListener("click", () => dialog("Direct message", [
 
 $("#invite-btn").addEventListener("click", () => {
   const r = client.rooms.get(current);
-  dialog(`Invite to #${roomLabel(r)}`, [
+  dialog(`Invite to ${roomText(r)}`, [
     field("User id", { name: "user", required: true, pattern: "[A-Za-z0-9_.@\\-]{1,64}", placeholder: "bob" }),
   ], "Invite", async (f) => {
     const user = String(f.get("user")).trim();
@@ -636,7 +691,7 @@ $("#invite-btn").addEventListener("click", () => {
 
 $("#leave-btn").addEventListener("click", async () => {
   const r = client.rooms.get(current);
-  if (!r || !confirm(`Leave #${roomLabel(r)}?`)) return;
+  if (!r || !confirm(`Leave ${roomText(r)}?`)) return;
   try {
     await client.leave(current);
     openRoom("general");
@@ -672,12 +727,33 @@ $("#scrim").addEventListener("click", () => document.body.classList.remove("draw
 if (embedded) {
   addEventListener("message", (e) => {
     const d = e.data;
-    if (e.source !== window.parent || !d || d.type !== "chatcluster:login") return;
+    if (e.source !== window.parent || !d) return;
+    if (d.type === "chatcluster:focus") {
+      if (client && current) client.markRead(current);
+      input.focus();
+      return;
+    }
+    if (d.type === "chatcluster:init") {
+      for (const [k, v] of Object.entries(d.store || {})) if (!local && typeof v === "string") memory.set(k, v);
+      if (initWaiter) initWaiter(d.login);
+      return;
+    }
+    if (d.type !== "chatcluster:login") return;
     const login = d.token ? { token: d.token } : d.user ? { user: d.user, name: d.name || d.user } : null;
     if (!login) return;
     if (client && (client.token === login.token && (login.token || client.userId === login.user))) return;
-    localStorage.setItem(LOGIN_KEY, JSON.stringify(login));
+    store.setItem(LOGIN_KEY, JSON.stringify(login));
     start(login);
+  });
+}
+
+let initWaiter = null;
+
+/** Embedded: the widget answers `ready` with the login and (storage denied) the saved state. */
+function waitForInit(ms) {
+  return new Promise((resolve) => {
+    const t = setTimeout(() => resolve(null), ms);
+    initWaiter = (login) => { clearTimeout(t); initWaiter = null; resolve(login || null); };
   });
 }
 
@@ -688,11 +764,18 @@ if (embedded) {
   } catch {
     config = { auth: "dev" };
   }
-  const login = savedLogin();
-  if (embedded) parent.postMessage({ type: "chatcluster:ready" }, "*");
-  if (login && (login.token || login.user)) start(login);
-  else if (!embedded) showLogin();
-  else showLogin("Waiting for the host page to sign you in…");
+  let fromHost = null;
+  if (embedded) {
+    const init = waitForInit(3000);
+    parent.postMessage({ type: "chatcluster:ready" }, parentOrigin);
+    fromHost = await init;
+  }
+  const login = fromHost && (fromHost.token || fromHost.user) ? fromHost : savedLogin();
+  if (login && (login.token || login.user)) {
+    if (fromHost) store.setItem(LOGIN_KEY, JSON.stringify(login));
+    start(login);
+  }
+  else showLogin();
 })();
 
 // Keep the typing line fresh and the unread marker right when the tab comes back.

@@ -114,7 +114,8 @@ function randomId(n = 12) {
  * `onChange(isLeader)` is called on every change.
  */
 export class LockElection {
-  constructor(locks, name, onChange) {
+  constructor(locks, name, onChange, onError = null) {
+    this.onError = onError; // the lock manager refused (e.g. a third-party iframe without storage)
     this.locks = locks;
     this.name = name;
     this.onChange = onChange;
@@ -129,7 +130,9 @@ export class LockElection {
       this.isLeader = true;
       this.onChange(true);
       return new Promise((resolve) => { this._release = resolve; });
-    }).catch(() => {}); // aborted by stop()
+    }).catch((err) => {
+      if (!this._abort.signal.aborted && this.onError) this.onError(err);
+    });
   }
 
   stop() {
@@ -254,14 +257,30 @@ export class ChannelElection {
 
 /** The best election this browser supports for `name`. */
 export function createElection(name, onChange, env = globalThis) {
+  const channelOrAlone = () => {
+    try {
+      if (typeof env.BroadcastChannel === "function") {
+        return new ChannelElection(new env.BroadcastChannel(name + ":election"), onChange);
+      }
+    } catch { /* denied */ }
+    return { isLeader: true, start() { onChange(true); }, stop() {} }; // a lone tab
+  };
   const locks = env.navigator && env.navigator.locks;
   if (locks && typeof locks.request === "function" && env.isSecureContext !== false) {
-    return new LockElection(locks, name, onChange);
+    // If the lock manager refuses at run time, fall back to the next best, started at once.
+    const proxy = {
+      inner: null,
+      get isLeader() { return this.inner.isLeader; },
+      start() { this.inner.start(); },
+      stop() { this.inner.stop(); },
+    };
+    proxy.inner = new LockElection(locks, name, onChange, () => {
+      proxy.inner = channelOrAlone();
+      proxy.inner.start();
+    });
+    return proxy;
   }
-  if (typeof env.BroadcastChannel === "function") {
-    return new ChannelElection(new env.BroadcastChannel(name + ":election"), onChange);
-  }
-  return { isLeader: true, start() { onChange(true); }, stop() {} }; // a lone tab
+  return channelOrAlone();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -307,7 +326,8 @@ function sleep(ms, ...signals) {
  * origin); `wsUrl` (default: window.CHATCLUSTER_WS_URL, else derived from /api/v1/config);
  * `transport` ("auto" | "ws" | "poll"); `tabs` (share one connection between tabs, default
  * true); `cachePerRoom` (messages kept per room in storage, default 200); `backoffMinMs`,
- * `backoffMaxMs`, `wsRetryMs` (how long polling lasts before the WebSocket is tried again).
+ * `backoffMaxMs`, `wsRetryMs` (how long polling lasts before the WebSocket is tried again);
+ * `storage` (a localStorage-like object, for pages where localStorage is denied).
  */
 export class ChatClient {
   constructor(opts = {}) {
@@ -618,7 +638,13 @@ export class ChatClient {
       this._becomeLeader();
       return;
     }
-    this.channel = new BC(this.scope);
+    try {
+      this.channel = new BC(this.scope);
+    } catch {
+      this.channel = null; // denied (third-party iframe): this tab works alone
+      this._becomeLeader();
+      return;
+    }
     this.channel.onmessage = (e) => this._onTabMessage(e.data);
     this.election = createElection(this.scope + ":leader", (leader) => {
       if (this._stopped) return;
@@ -1226,7 +1252,8 @@ export class ChatClient {
   }
 
   _storage() {
-    try { return globalThis.localStorage || null; } catch { return null; }
+    if (this.opts.storage) return this.opts.storage;
+    try { return globalThis.localStorage || null; } catch { return null; } // third-party iframe: denied
   }
 
   _loadState() {

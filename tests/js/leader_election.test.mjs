@@ -166,11 +166,23 @@ test("Web Locks: one holder at a time, handed on when it stops", async () => {
 
 test("createElection prefers Web Locks, then BroadcastChannel, then a lone leader", async () => {
   const locks = new Locks();
-  assert.ok(createElection("x", () => {}, { navigator: { locks }, isSecureContext: true }) instanceof LockElection);
+  assert.ok(createElection("x", () => {}, { navigator: { locks }, isSecureContext: true }).inner instanceof LockElection);
   const bc = createElection(`y-${process.pid}`, () => {}, { BroadcastChannel, isSecureContext: false, navigator: { locks } });
   assert.ok(bc instanceof ChannelElection);
   bc.channel.close();
   let led = null;
   createElection("z", (l) => { led = l; }, {}).start();
   assert.equal(led, true);
+});
+
+test("a lock manager that refuses (third-party iframe) falls back to the channel election", async () => {
+  const refusing = { request: () => Promise.reject(new Error("SecurityError")) };
+  const changes = [];
+  const e = createElection(`refused-${process.pid}`, (l) => changes.push(l), { navigator: { locks: refusing }, BroadcastChannel });
+  e.start();
+  await until(() => e.isLeader, 5000);
+  assert.ok(e.inner instanceof ChannelElection);
+  e.stop();
+  e.inner.channel.close();
+  assert.deepEqual(changes, [true, false]);
 });
