@@ -19,10 +19,11 @@ from . import protocol
 from .auth import Identity, authenticate_bearer, check_api_key, issue_token
 from .commands import Caller
 from .errors import BadRequest, ChatError, NotFound, TooLarge, Unauthorized, error_body, status_of
-from .http import NODE_KEY, json_response, read_json
+from .http import NODE_KEY, json_response, read_body, read_json
 from .metrics import METRICS
 from .poll import Poller
 from .protocol import check_display_name, check_room_id, check_text, check_user_id
+from .ws import count_limit
 
 if TYPE_CHECKING:
     from .app import Node
@@ -54,7 +55,7 @@ def _session_id(body: dict[str, Any]) -> str:
 async def session(request: web.Request) -> web.Response:
     node = _node(request)
     identity = _user(request)
-    body = await read_json(request, node.settings.max_frame_bytes)
+    body = await read_json(request, node.settings.http_max_body_bytes)
     if node.settings.auth == "dev" and isinstance(body.get("name"), str) and identity.expires_at is None:
         identity = Identity(identity.user, check_display_name(body["name"]), None)
     return json_response(await request.app[POLLER_KEY].session(identity, body, _session_id(body)))
@@ -63,17 +64,19 @@ async def session(request: web.Request) -> web.Response:
 async def command(request: web.Request) -> web.Response:
     node = _node(request)
     identity = _user(request)
-    raw = await request.content.read(node.settings.max_frame_bytes + 1)
-    if len(raw) > node.settings.max_frame_bytes:
-        raise TooLarge(f"body larger than {node.settings.max_frame_bytes} bytes")
+    raw = await read_body(request, node.settings.max_frame_bytes)
     ref = protocol.ref_of(_loose(raw))
     try:
         frame = protocol.parse_frame(raw)
         if frame["type"] in ("hello", "refresh"):
             raise BadRequest(f"{frame['type']} is a WebSocket frame; use /api/v1/session")
         caller = Caller(identity, "http", "http")
+        if frame["type"] == "create_room":
+            node.ws.check_create_room(identity.user)
         data = await node.commands.dispatch(caller, frame)
     except ChatError as exc:
+        if isinstance(exc, (BadRequest, TooLarge)) and isinstance(frame_or_none := _loose(raw), dict):
+            count_limit(frame_or_none, exc)
         reply = {"type": "reply", "ok": False, "error": error_body(exc)}
         if ref is not None:
             reply["ref"] = ref
@@ -87,7 +90,7 @@ async def command(request: web.Request) -> web.Response:
 async def poll(request: web.Request) -> web.Response:
     node = _node(request)
     identity = _user(request)
-    body = await read_json(request, max(node.settings.max_frame_bytes, 262144))
+    body = await read_json(request, node.settings.http_max_body_bytes)
     open_polls = METRICS.connections_open.labels(transport="poll")
     open_polls.inc()
     try:

@@ -37,27 +37,46 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         config.require_auth_material(settings)
+        from .auth import check_key_material
+
+        check_key_material(settings)
     except config.ConfigError as exc:
         print(f"chatcluster: configuration error: {exc}", file=sys.stderr)
         return 2
+    import logging
+
     from . import log
     from .app import Node
 
     log.setup(settings.node_id, settings.log_format, settings.log_level)
-    if settings.auth == "dev" and settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.dev_force:
-        print("chatcluster: CHAT_AUTH=dev accepts anyone by name; it is refused on a non-loopback "
-              "address (CHAT_HOST) unless CHAT_DEV_FORCE=true", file=sys.stderr)
+    node_log = logging.getLogger("chatcluster.node")
+    if settings.auth == "dev" and not _is_loopback(settings.host) and not settings.dev_force:
+        message = ("CHAT_AUTH=dev accepts anyone by name; it is refused on a non-loopback "
+                   "address (CHAT_HOST) unless CHAT_DEV_FORCE=true")
+        node_log.error("refusing to start: " + message, extra={"host": settings.host})
+        print(f"chatcluster: {message}", file=sys.stderr)
         return 2
     if settings.auth == "dev":
-        import logging
-
-        logging.getLogger("chatcluster.node").warning("DEV AUTH: any client may claim any user name")
+        node_log.warning("DEV AUTH: any client may claim any user name",
+                         extra={"host": settings.host, "forced": not _is_loopback(settings.host)})
 
     async def main() -> None:
         await Node(settings).run()
 
     _run(main())
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the node reachable from this machine only."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _run(coro: Any) -> None:

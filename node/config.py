@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import MAX_DEPTH as MAX_JSON_DEPTH  # fixed by the parser; reported in welcome.limits
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the key."""
@@ -83,9 +85,17 @@ FIELDS: tuple[Field, ...] = (
     Field("node_id", "CHAT_NODE_ID", str, "", "Node name in logs, metrics and welcome (default: host + random)"),
     Field("auth", "CHAT_AUTH", str, "jwt", "jwt, or dev (accepts hello with a bare user name)",
           _one_of("jwt", "dev")),
-    Field("jwt_secret", "CHAT_JWT_SECRET", str, "", "HS256 secret for user tokens"),
+    Field("jwt_secret", "CHAT_JWT_SECRET", str, "",
+          "HS256 secret(s) for user tokens, comma-separated: the first signs, all verify (rotation)"),
     Field("jwt_public_key", "CHAT_JWT_PUBLIC_KEY", str, "", "PEM public key for RS256/ES256 tokens"),
+    Field("jwks_file", "CHAT_JWKS_FILE", str, "",
+          "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it changes"),
     Field("jwt_leeway_s", "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative),
+    Field("token_refresh_window_s", "CHAT_TOKEN_REFRESH_WINDOW_S", float, 60.0,
+          "A WebSocket whose token expired may send refresh for this long before it is closed 4500",
+          _non_negative),
+    Field("token_notice_s", "CHAT_TOKEN_NOTICE_S", float, 60.0,
+          "token_expiring is sent this long before a live connection's token expires", _non_negative),
     Field("api_key", "CHAT_API_KEY", str, "", "Bearer key for the server endpoints (alerts, tokens, system messages)"),
     Field("allowed_origins", "CHAT_ALLOWED_ORIGINS", _list, (),
           "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com wildcards)"),
@@ -114,6 +124,22 @@ FIELDS: tuple[Field, ...] = (
     Field("rate_burst", "CHAT_RATE_BURST", int, 60, "Token bucket size per connection", _positive),
     Field("rate_strikes_max", "CHAT_RATE_STRIKES_MAX", int, 20,
           "Rate-limited commands tolerated before close 4003", _positive),
+    Field("max_connections_per_ip", "CHAT_MAX_CONNECTIONS_PER_IP", int, 200,
+          "WebSocket connections per client IP on one node, refused with HTTP 429 (0: no limit)", _non_negative),
+    Field("max_connections_per_user", "CHAT_MAX_CONNECTIONS_PER_USER", int, 20,
+          "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no limit)",
+          _non_negative),
+    Field("trusted_proxies", "CHAT_TRUSTED_PROXIES", _list, (),
+          "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)"),
+    Field("create_room_per_min", "CHAT_CREATE_ROOM_PER_MIN", float, 10.0,
+          "create_room commands per minute per user and node (token bucket)", _positive),
+    Field("create_room_burst", "CHAT_CREATE_ROOM_BURST", int, 10, "create_room bucket size per user", _positive),
+    Field("http_max_body_bytes", "CHAT_HTTP_MAX_BODY_BYTES", int, 262144,
+          "Largest HTTP API body (session and poll carry cursors); commands use CHAT_MAX_FRAME_BYTES",
+          _positive),
+    Field("http_rate_per_s", "CHAT_HTTP_RATE_PER_S", float, 50.0,
+          "HTTP API requests per second per client IP and node (token bucket); over it: 429", _positive),
+    Field("http_rate_burst", "CHAT_HTTP_RATE_BURST", int, 200, "HTTP API bucket size per client IP", _positive),
     Field("typing_interval_ms", "CHAT_TYPING_INTERVAL_MS", int, 3000, "Least time between typing events per user and room", _positive),
     Field("typing_ttl_ms", "CHAT_TYPING_TTL_MS", int, 6000, "How long clients show a typing indicator", _positive),
     Field("presence_room_limit", "CHAT_PRESENCE_ROOM_LIMIT", int, 200,
@@ -145,7 +171,10 @@ class Settings:
     auth: str
     jwt_secret: str
     jwt_public_key: str
+    jwks_file: str
     jwt_leeway_s: float
+    token_refresh_window_s: float
+    token_notice_s: float
     api_key: str
     allowed_origins: tuple[str, ...]
     drain_seconds: float
@@ -167,6 +196,14 @@ class Settings:
     rate_per_s: float
     rate_burst: int
     rate_strikes_max: int
+    max_connections_per_ip: int
+    max_connections_per_user: int
+    trusted_proxies: tuple[str, ...]
+    create_room_per_min: float
+    create_room_burst: int
+    http_max_body_bytes: int
+    http_rate_per_s: float
+    http_rate_burst: int
     typing_interval_ms: int
     typing_ttl_ms: int
     presence_room_limit: int
@@ -197,6 +234,17 @@ class Settings:
             "rate_burst": self.rate_burst,
             "max_rooms_per_user": self.max_rooms_per_user,
             "max_room_members": self.max_room_members,
+            "max_json_depth": MAX_JSON_DEPTH,
+            "rate_strikes_max": self.rate_strikes_max,
+            "protocol_errors_max": self.protocol_errors_max,
+            "max_connections_per_user": self.max_connections_per_user,
+            "max_connections_per_ip": self.max_connections_per_ip,
+            "create_room_per_min": int(self.create_room_per_min),
+            "create_room_burst": self.create_room_burst,
+            "http_max_body_bytes": self.http_max_body_bytes,
+            "http_rate_per_s": int(self.http_rate_per_s),
+            "http_rate_burst": self.http_rate_burst,
+            "token_refresh_window_s": int(self.token_refresh_window_s),
         }
 
 
@@ -236,8 +284,11 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] 
 
 def require_auth_material(settings: Settings) -> None:
     """A production (jwt) node needs a key to verify tokens; fail at start-up otherwise."""
-    if settings.auth == "jwt" and not (settings.jwt_secret or settings.jwt_public_key):
-        raise ConfigError("CHAT_JWT_SECRET: required when CHAT_AUTH=jwt (or set CHAT_JWT_PUBLIC_KEY)")
+    if settings.auth == "jwt" and not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_file):
+        raise ConfigError("CHAT_JWT_SECRET: required when CHAT_AUTH=jwt "
+                          "(or set CHAT_JWT_PUBLIC_KEY or CHAT_JWKS_FILE)")
+    if settings.jwks_file and not os.path.isfile(settings.jwks_file):
+        raise ConfigError(f"CHAT_JWKS_FILE: no such file ({settings.jwks_file!r})")
 
 
 def markdown_table() -> str:

@@ -8,6 +8,8 @@ unexpected into a bare 500. CORS is answered for the configured origins only.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,12 +20,14 @@ from aiohttp import web
 from .errors import BadRequest, ChatError, TooLarge, error_body, status_of
 from .metrics import METRICS
 from .origins import origin_allowed
+from .ratelimit import KeyedBuckets, client_ip
 
 if TYPE_CHECKING:
     from .app import Node
 
 log = logging.getLogger("chatcluster.http")
 NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+HTTP_BUCKETS_KEY: web.AppKey[KeyedBuckets] = web.AppKey("http_buckets")
 STATIC_DIR = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -32,13 +36,23 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    """The request's JSON object body; ``bad_request``/``too_large`` otherwise."""
+class BodyTooLarge(TooLarge):
+    """An HTTP body over its limit (counted as ``http_body_bytes``)."""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request's body, at most ``limit`` bytes (``too_large`` otherwise, read no further)."""
     if request.content_length is not None and request.content_length > limit:
-        raise TooLarge(f"body larger than {limit} bytes")
+        raise BodyTooLarge(f"body larger than {limit} bytes")
     body = await request.content.read(limit + 1)
     if len(body) > limit:
-        raise TooLarge(f"body larger than {limit} bytes")
+        raise BodyTooLarge(f"body larger than {limit} bytes")
+    return body
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object body; ``bad_request``/``too_large`` otherwise."""
+    body = await read_body(request, limit)
     if not body:
         return {}
     try:
@@ -64,10 +78,30 @@ def _cors_headers(node: Node, request: web.Request) -> dict[str, str]:
     }
 
 
+def _rate_limited(request: web.Request) -> float | None:
+    """CHAT_HTTP_RATE_PER_S per client IP on the API: None if the request may go on, else the
+    seconds to wait. Long polls cost one token each like any request, so a polling client
+    (at most one poll a second, plus its commands) stays far below the default."""
+    node = request.app[NODE_KEY]
+    buckets = request.app[HTTP_BUCKETS_KEY]
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), node.settings.trusted_proxies)
+    if buckets.take(ip, time.monotonic()):
+        return None
+    return buckets.retry_after(ip)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     cors = _cors_headers(node, request)
+    if request.path.startswith("/api/") and request.method != "OPTIONS":
+        wait = _rate_limited(request)
+        if wait is not None:
+            METRICS.rate_limited.labels(limit="http_requests_per_ip").inc()
+            limited = json_response({"error": {"code": "rate_limited", "message": "too many requests"}}, 429)
+            limited.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            limited.headers.update(cors)
+            return limited
     if request.method == "OPTIONS" and request.path.startswith("/api/"):
         if not cors:
             return json_response({"error": {"code": "forbidden", "message": "origin not allowed"}}, 403)
@@ -79,12 +113,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except web.HTTPException as exc:
+        if exc.status == 413:
+            METRICS.rate_limited.labels(limit="http_body_bytes").inc()
         if exc.status >= 400:
             code = {404: "not_found", 405: "bad_request", 413: "too_large"}.get(exc.status, "bad_request")
             response = json_response({"error": {"code": code, "message": exc.reason}}, exc.status)
         else:
             raise
     except ChatError as exc:
+        if isinstance(exc, BodyTooLarge):
+            METRICS.rate_limited.labels(limit="http_body_bytes").inc()
         response = json_response({"error": error_body(exc)}, status_of(exc))
     except Exception:
         log.exception("HTTP handler failed", extra={"path": request.path})
@@ -137,8 +175,11 @@ async def client_config(request: web.Request) -> web.Response:
 
 
 def build_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=node.settings.max_frame_bytes)
+    s = node.settings
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=max(s.max_frame_bytes, s.http_max_body_bytes))
     app[NODE_KEY] = node
+    app[HTTP_BUCKETS_KEY] = KeyedBuckets(s.http_rate_per_s, s.http_rate_burst)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import protocol
-from .auth import authenticate_hello
+from .auth import Identity, authenticate_hello, refresh_identity
 from .commands import Caller
 from .errors import (
     BadRequest,
     ChatError,
     CloseCodes,
     RateLimited,
+    TooLarge,
     Unauthorized,
     Unavailable,
     error_body,
@@ -35,7 +37,8 @@ from .errors import (
 from .fanout import Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
-from .ratelimit import TokenBucket
+from .ratelimit import LIMITS, Counts, KeyedBuckets, TokenBucket, client_ip
+from .redisio import unavailable_on_redis_errors
 from .session import Subscription
 
 if TYPE_CHECKING:
@@ -47,12 +50,17 @@ log = logging.getLogger("chatcluster.ws")
 # its socket is aborted: its buffered frames are the memory the cut-off is meant to free.
 SLOW_CONSUMER_GRACE_S = 2.0
 
+TOO_DEEP = "frame nested too deeply"  # node.protocol's message for MAX_DEPTH
+
+for _limit in LIMITS:  # every series exists from the first scrape
+    METRICS.rate_limited.labels(limit=_limit)
+
 
 class Connection:
     """State of one WebSocket connection; owned by :meth:`WsServer.handler`."""
 
     __slots__ = ("ws", "id", "sub", "caller", "bucket", "protocol_errors", "rate_strikes",
-                 "close_task", "said_hello", "opened")
+                 "close_task", "said_hello", "opened", "ip", "token_timers")
 
     def __init__(self, ws: ServerConnection, sink: Sink) -> None:
         self.ws = ws
@@ -65,6 +73,13 @@ class Connection:
         self.close_task: asyncio.Task[None] | None = None
         self.said_hello = False
         self.opened = time.monotonic()
+        self.ip = ""
+        self.token_timers: list[asyncio.TimerHandle] = []
+
+    def cancel_token_timers(self) -> None:
+        for timer in self.token_timers:
+            timer.cancel()
+        self.token_timers.clear()
 
     def close_soon(self, code: int, reason: str, abort_after: float | None = None) -> None:
         """Start the closing handshake without waiting for it (safe from sync code).
@@ -94,6 +109,13 @@ class WsServer:
         self.node = node
         self.connections: set[Connection] = set()
         self.by_sink: dict[Sink, Connection] = {}
+        s = node.settings
+        # Per-IP counts: a handshake is counted from process_request (so that a burst of
+        # handshakes cannot all pass before any handler runs) until its handler ends.
+        self.ip_counts = Counts()
+        self._handshaking: dict[ServerConnection, str] = {}
+        # create_room per user, per node; shared with the HTTP API's /api/v1/command.
+        self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
 
     # -- handshake --------------------------------------------------------------------------
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -112,7 +134,34 @@ class WsServer:
         if len(self.connections) >= settings.max_connections:
             METRICS.hello_rejected.labels(reason="full").inc()
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "node full\n")
+        peer = ws.remote_address[0] if ws.remote_address else None
+        ip = client_ip(peer, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
+        self._forget_failed_handshakes()
+        if settings.max_connections_per_ip and self.ip_counts.get(ip) >= settings.max_connections_per_ip:
+            METRICS.rate_limited.labels(limit="connections_per_ip").inc()
+            response = ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n")
+            response.headers["Retry-After"] = "10"
+            return response
+        self.ip_counts.add(ip)
+        self._handshaking[ws] = ip
         return None
+
+    def _forget_failed_handshakes(self) -> None:
+        """Handshakes accepted by process_request whose handler never ran (the client went away
+        mid-handshake) give their per-IP slot back."""
+        if not self._handshaking:
+            return
+        for ws, ip in list(self._handshaking.items()):
+            if ws.state is State.CLOSED:
+                del self._handshaking[ws]
+                self.ip_counts.remove(ip)
+
+    def check_create_room(self, user: str) -> None:
+        """CHAT_CREATE_ROOM_PER_MIN per user and node; raises ``rate_limited``."""
+        if not self.create_room_buckets.take(user, time.monotonic()):
+            METRICS.rate_limited.labels(limit="create_room").inc()
+            wait = self.create_room_buckets.retry_after(user)
+            raise RateLimited(f"too many rooms created; retry in {max(1, round(wait))} s")
 
     # -- connection -------------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
@@ -125,6 +174,7 @@ class WsServer:
                 conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer", SLOW_CONSUMER_GRACE_S)
 
         conn = Connection(ws, Sink(ws, node.flusher, node.settings.outbound_buffer_bytes, overflow))
+        conn.ip = self._handshaking.pop(ws, "")
         self.connections.add(conn)
         self.by_sink[conn.sub.sink] = conn
         METRICS.connections_accepted.inc()
@@ -138,6 +188,9 @@ class WsServer:
             log.exception("connection handler failed", extra={"conn": conn.id})
             conn.close_soon(CloseCodes.INTERNAL, "internal error")
         finally:
+            conn.cancel_token_timers()
+            if conn.ip:
+                self.ip_counts.remove(conn.ip)
             self.connections.discard(conn)
             self.by_sink.pop(conn.sub.sink, None)
             node.sessions.close_ws(conn.sub)
@@ -151,6 +204,8 @@ class WsServer:
                     pass
             code = ws.close_code if ws.close_code is not None else 1006
             METRICS.connections_closed.labels(code=_code_label(code)).inc()
+            if code == CloseCodes.TOO_LARGE:
+                METRICS.rate_limited.labels(limit="frame_bytes").inc()
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
         conn.sub.sink.push_now(protocol.ws_text_frame(frame))
@@ -158,6 +213,8 @@ class WsServer:
     def _protocol_error(self, conn: Connection, kind: str, ref: Any, exc: ChatError) -> bool:
         """Reply with the error; returns False once the connection must be closed (4502)."""
         METRICS.protocol_errors.labels(kind=kind).inc()
+        if exc.message == TOO_DEEP:
+            METRICS.rate_limited.labels(limit="json_depth").inc()
         conn.protocol_errors += 1
         if conn.protocol_errors > self.node.settings.protocol_errors_max:
             conn.close_soon(CloseCodes.PROTOCOL, "protocol violation")
@@ -202,6 +259,8 @@ class WsServer:
                 log.info("hello refused", extra={"conn": conn.id, "reason": exc.message})
                 await ws.close(CloseCodes.UNAUTHORIZED, exc.message[:100])
                 return False
+            if not await self._user_has_room(conn, identity, ref):
+                return False
             conn.caller = Caller(identity, conn.id, "ws", {"conn": conn})
             conn.sub.sink.owner = identity.user
             conn.sub.sink.session = conn.id
@@ -215,8 +274,61 @@ class WsServer:
                 conn.close_soon(code, exc.code)
                 return False
             conn.said_hello = True
+            self._schedule_token_timers(conn, identity)
             log.info("session opened", extra={"conn": conn.id, "user": identity.user})
             return True
+
+    async def _user_has_room(self, conn: Connection, identity: Identity, ref: Any) -> bool:
+        """CHAT_MAX_CONNECTIONS_PER_USER, cluster-wide: the user's live WebSocket sessions on
+        every node are in their session set in Redis (poll sessions, ``p:...``, do not count).
+        Over the limit: a ``rate_limited`` error reply, then close 4003. Soft: two hellos racing
+        on two nodes may both pass; a dead node's sessions count until their TTL runs out."""
+        node = self.node
+        limit = node.settings.max_connections_per_user
+        if not limit:
+            return True
+        with unavailable_on_redis_errors("sessions"):
+            live = await node.redis.zrangebyscore(node.keys.user_sessions(identity.user),
+                                                  node.now_ms(), "+inf")
+        count = sum(1 for s in live if not (s.decode() if isinstance(s, bytes) else s).startswith("p:"))
+        if count < limit:
+            return True
+        METRICS.rate_limited.labels(limit="connections_per_user").inc()
+        log.info("hello refused: too many sessions", extra={"conn": conn.id, "user": identity.user})
+        self._reply(conn, protocol.reply_error(ref, error_body(
+            RateLimited(f"at most {limit} connections per user"))))
+        conn.close_soon(CloseCodes.RATE_LIMITED, "too many connections for this user")
+        return False
+
+    # -- token expiry and refresh -----------------------------------------------------------
+    def _schedule_token_timers(self, conn: Connection, identity: Identity) -> None:
+        """``token_expiring`` shortly before the token expires, close 4500 once it has expired
+        (``exp`` + leeway) and the refresh window has passed without a ``refresh``."""
+        conn.cancel_token_timers()
+        if identity.expires_at is None:
+            return
+        s = self.node.settings
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        expires = identity.expires_at + s.jwt_leeway_s
+        deadline = expires + s.token_refresh_window_s
+        notice_at = max(now, expires - s.token_notice_s)
+        event = protocol.dumps({"type": "token_expiring", "expires_at": int(identity.expires_at),
+                                "close_at": int(deadline)})
+        conn.token_timers.append(loop.call_later(
+            notice_at - now, lambda: conn.sub.sink.push_now(protocol.ws_text_frame(event))))
+        conn.token_timers.append(loop.call_later(max(0.0, deadline - now), self._token_expired, conn))
+
+    def _token_expired(self, conn: Connection) -> None:
+        log.info("token expired without refresh", extra={"conn": conn.id})
+        conn.close_soon(CloseCodes.UNAUTHORIZED, "token expired")
+
+    def _refresh(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        assert conn.caller is not None
+        identity = refresh_identity(self.node.settings, conn.caller.identity, frame.get("token"))
+        conn.caller.identity = identity
+        self._schedule_token_timers(conn, identity)
+        return {"expires_at": int(identity.expires_at or 0)}
 
     async def _serve(self, conn: Connection) -> None:
         node = self.node
@@ -247,8 +359,14 @@ class WsServer:
                 self._reply(conn, protocol.reply_error(ref, error_body(BadRequest("already said hello"))))
                 continue
             try:
+                if frame["type"] == "refresh":
+                    self._reply(conn, protocol.reply_ok(ref, self._refresh(conn, frame)))
+                    continue
+                if frame["type"] == "create_room":
+                    self.check_create_room(conn.caller.user)
                 data = await node.commands.dispatch(conn.caller, frame)
             except ChatError as exc:
+                count_limit(frame, exc)
                 self._reply(conn, protocol.reply_error(ref, error_body(exc)))
                 continue
             except Exception:
@@ -258,6 +376,16 @@ class WsServer:
             if frame["type"] == "typing" and ref is None:
                 continue  # typing needs no reply unless the client asked for one
             self._reply(conn, protocol.reply_ok(ref, data))
+
+
+def count_limit(frame: dict[str, Any], exc: ChatError) -> None:
+    """Count a command refused by a size limit of the core in chatcluster_rate_limited_total."""
+    if isinstance(exc, TooLarge) and frame.get("type") == "send":
+        METRICS.rate_limited.labels(limit="text_chars").inc()
+    elif exc.message.startswith("a user may be in at most"):
+        METRICS.rate_limited.labels(limit="rooms_per_user").inc()
+    elif exc.message.startswith(("a room has at most", "the room is full")):
+        METRICS.rate_limited.labels(limit="room_members").inc()
 
 
 def _loose(raw: str) -> Any:
