@@ -107,9 +107,18 @@ function time(ts) {
   return d.toDateString() === now.toDateString() ? hm : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${hm}`;
 }
 
+const names = new Map(); // user id -> display name, learnt from messages and presence
+
+function learnNames(list) {
+  for (const m of list) if (m.from && m.from.id && m.from.name) names.set(m.from.id, m.from.name);
+}
+
 function roomLabel(r) {
   if (!r) return "";
-  if (r.kind === "direct") return dmPeer(r.id, client.userId);
+  if (r.kind === "direct") {
+    const peer = dmPeer(r.id, client.userId);
+    return names.get(peer) || peer;
+  }
   return r.name || r.id;
 }
 
@@ -246,6 +255,7 @@ function bindClient(c) {
 }
 
 function renderAll() {
+  for (const id of client.rooms.keys()) learnNames(client.messages(id));
   $("#me-name").textContent = client.user.name || client.user.id;
   if (!current || !client.rooms.has(current)) {
     const wanted = params.get("room") || store.getItem(ROOM_KEY);
@@ -444,6 +454,7 @@ function renderMessages(scroll = false) {
   const stick = scroll || atBottom();
   const ol = $("#messages");
   const list = client.messages(current);
+  learnNames(list);
   const items = [];
   let prev = null;
   for (const m of list) {
@@ -466,6 +477,7 @@ function renderMessages(scroll = false) {
 }
 
 function onMessage(m) {
+  learnNames([m]);
   typers.delete(m.from && m.from.id);
   renderTyping();
   renderRooms();
@@ -612,7 +624,8 @@ async function loadPeople() {
   try {
     const d = await client.who(current, 100);
     const items = (d.online || []).map((u) => {
-      const user = typeof u === "string" ? { id: u, name: u } : u;
+      const raw = typeof u === "string" ? { id: u } : u;
+      const user = { ...raw, name: raw.name && raw.name !== raw.id ? raw.name : names.get(raw.id) || (raw.id === client.userId ? client.user.name : raw.id) };
       return el("li", {}, avatar(user), el("span", { class: "person" }, user.name || user.id, el("small", { class: "muted" }, user.id)),
         el("i", { class: "dot on" }),
         user.id !== client.userId ? el("button", { class: "btn soft small", onclick: () => startDm(user.id) }, "Message") : null);
