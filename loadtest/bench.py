@@ -204,6 +204,7 @@ class Fanout:
         self.cluster = cluster
         self.workers = workers
         self.rooms: dict[str, list[str]] = {}  # target -> room ids
+        self.connect_errors: dict[str, dict[str, int]] = {}
 
     def setup(self) -> None:
         a = self.args
@@ -218,7 +219,9 @@ class Fanout:
             port = int(self.cluster.servers[target].info["ws_port"])
             res = self.workers.connect(target, port, users, a.concurrency)
             log(f"{target}: {res['ok']} clients connected in {time.monotonic() - t:.1f}s"
-                + (f", {res['failed']} failed {res['errors']}" if res["failed"] else ""))
+                + (f", {res['failed']} failed" if res["failed"] else "")
+                + (f", retried after: {res['errors']}" if res["errors"] else ""))
+            self.connect_errors[target] = res["errors"]
             if res["failed"]:
                 raise RuntimeError(f"{target}: {res['failed']} clients failed to connect")
 
@@ -360,7 +363,7 @@ class Fanout:
                     measured.append(res)
                     log(f"{label} #{rep}: " + stats.one_line(res))
         summary = stats.summarize(measured, targets)
-        return {"scenario": "fanout", "sweep": sweep, "peak_rate_msgs": peak,
+        return {"scenario": "fanout", "connect_errors": self.connect_errors, "sweep": sweep, "peak_rate_msgs": peak,
                 "measured": measured, "summary": summary}
 
 
@@ -454,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--target", default="ours,naive",
                        help=f"comma-separated, of: {', '.join(TARGETS)} (default ours,naive)")
         p.add_argument("--workers", type=int, default=2, help="client processes (default 2)")
-        p.add_argument("--concurrency", type=int, default=200,
+        p.add_argument("--concurrency", type=int, default=50,
                        help="concurrent handshakes per client process")
         p.add_argument("--shards", type=int, default=16)
         p.add_argument("--json", help="write the results here as JSON")

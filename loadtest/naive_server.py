@@ -38,7 +38,9 @@ from node.protocol import message_event
 
 class NaiveServer:
     def __init__(self, redis_url: str, shards: int, read_count: int) -> None:
-        self.redis = aioredis.Redis.from_url(redis_url)
+        # A blocking pool: a burst of handshakes waits for a connection instead of failing.
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=64, timeout=30))
         self.reader_conn = aioredis.Redis.from_url(redis_url, single_connection_client=True)
         self.keys = Keys(shards)
         self.read_count = read_count

@@ -57,12 +57,12 @@ class Stats:
     """Counters shared by all clients of one worker for the current phase."""
 
     __slots__ = ("win_start", "win_end", "frames_in_window", "bytes_in_window", "latencies",
-                 "late_frames", "gaps", "dups", "other_frames", "closed", "close_codes")
+                 "late_frames", "gaps", "dups", "other_frames", "closed", "close_codes",
+                 "handshake_close_codes")
 
     def __init__(self) -> None:
         self.reset(0, 0)
-        self.closed = 0
-        self.close_codes: dict[int, int] = {}
+        self.handshake_close_codes: dict[int, int] = {}
 
     def reset(self, win_start: int, win_end: int) -> None:
         self.win_start = win_start  # µs, wall clock
@@ -74,6 +74,8 @@ class Stats:
         self.gaps = 0  # missing seqs seen (a jump forward)
         self.dups = 0  # seq not above the last one
         self.other_frames = 0
+        self.closed = 0  # welcomed clients that were closed during this phase
+        self.close_codes: dict[int, int] = {}
 
 
 class Client(asyncio.Protocol):
@@ -104,7 +106,8 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state != 2:
             self.state = 2
-            self.stats.closed += 1
+            if self.welcomed:  # failed handshakes are retried and reported by connect()
+                self.stats.closed += 1
         if not self.connected.done():
             self.connected.set_exception(ConnectionError(f"closed during handshake: {exc}"))
 
@@ -197,12 +200,13 @@ class Client(asyncio.Protocol):
             self.transport.write(mask_frame(10, payload))
         elif op == 8:  # close: echo it and drop the connection
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            codes = self.stats.close_codes
+            codes = self.stats.close_codes if self.welcomed else self.stats.handshake_close_codes
             codes[self.close_code] = codes.get(self.close_code, 0) + 1
             if self.state == 1:
                 self.transport.write(mask_frame(8, payload[:2]))
             self.state = 2
-            self.stats.closed += 1
+            if self.welcomed:
+                self.stats.closed += 1
             self.transport.close()
 
 
@@ -237,6 +241,9 @@ class Worker:
                 failed += 1
 
         await asyncio.gather(*(one(u) for u in users))
+        errors.update({f"close {k} during hello": v
+                       for k, v in self.stats.handshake_close_codes.items()})
+        self.stats.handshake_close_codes.clear()
         return {"ok": len(users) - failed, "failed": failed, "errors": errors}
 
     def progress(self) -> dict[str, Any]:
@@ -259,7 +266,8 @@ class Worker:
         return {"frames_in_window": s.frames_in_window, "bytes_in_window": s.bytes_in_window,
                 "latencies": s.latencies.tobytes(), "gaps": s.gaps, "dups": s.dups,
                 "other_frames": s.other_frames, "closed": s.closed,
-                "close_codes": dict(s.close_codes), "open": open_clients}
+                "close_codes": dict(s.close_codes), "open": open_clients,
+                "handshake_close_codes": dict(s.handshake_close_codes)}
 
     async def stop(self) -> None:
         for clients in self.clients.values():
