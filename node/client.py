@@ -9,6 +9,10 @@ connection drops it reconnects with jittered exponential backoff (to the next UR
 as a load balancer would), says ``hello`` with its cursors and so receives exactly the missed
 messages. Sends that were not acknowledged are sent again with the same ``cmid``, which the
 server deduplicates. Close codes 4500-4999 stop the client (user action needed).
+
+With ``token_provider`` (an async callable returning a fresh JWT for the same user) the client
+answers the server's ``token_expiring`` event with a ``refresh`` command, and reconnects with
+the newest token.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import contextlib
 import itertools
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -53,9 +57,13 @@ class ChatClient:
                  token: str | None = None, cursors: dict[str, dict[str, str]] | None = None,
                  personal: dict[str, str] | None = None, reconnect: bool = True,
                  backoff_min: float = 0.05, backoff_max: float = 5.0, max_events: int = 100_000,
-                 open_timeout: float = 10.0, client_name: str = "chatcluster-py/0.1") -> None:
+                 open_timeout: float = 10.0, client_name: str = "chatcluster-py/0.1",
+                 token_provider: Callable[[], Awaitable[str]] | None = None) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.user, self.name, self.token = user, name, token
+        self.token_provider = token_provider
+        self.refreshes = 0
+        self._refresh_task: asyncio.Task[None] | None = None
         self.cursors: dict[str, dict[str, str]] = dict(cursors or {})
         self.personal: dict[str, str] | None = personal
         self.reconnect = reconnect
@@ -91,6 +99,8 @@ class ChatClient:
 
     async def close(self) -> None:
         self.reconnect = False
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         if self._closed is None:
             self._closed = Closed(1000, "client closed")
         if self._ws is not None:
@@ -210,12 +220,27 @@ class ChatClient:
                 self.cursors[room["id"]] = {"epoch": room["epoch"], "id": room.get("last_id", "0-0")}
         elif kind == "reconnect":
             self._retry_after = frame.get("retry_after_ms", 0) / 1000.0
+        elif kind == "token_expiring" and self.token_provider is not None:
+            if self._refresh_task is None or self._refresh_task.done():
+                self._refresh_task = asyncio.get_running_loop().create_task(self._refresh())
         if "pid" in frame and self.personal is not None:
             self.personal["id"] = frame["pid"]
         try:
             self.events.put_nowait(frame)
         except asyncio.QueueFull:
             pass  # the application is not consuming; drop rather than grow without bound
+
+    async def _refresh(self) -> None:
+        """Fetch a new token and hand it to the server; a failure leaves the server to close the
+        connection (4500) when the refresh window ends."""
+        assert self.token_provider is not None
+        try:
+            token = await self.token_provider()
+            self.token = token
+            await self.request("refresh", token=token)
+            self.refreshes += 1
+        except (ChatClientError, ConnectionLost, TimeoutError, Closed):
+            pass
 
     # -- requests -------------------------------------------------------------------------
     async def wait_connected(self, timeout: float | None = None) -> None:
