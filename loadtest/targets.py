@@ -64,6 +64,8 @@ def _ours_env(redis_url: str, shards: int) -> dict[str, str]:
         "CHAT_REDIS_URL": redis_url, "CHAT_AUTH": "dev", "CHAT_HOST": "127.0.0.1",
         "CHAT_WS_PORT": "0", "CHAT_HTTP_PORT": "0", "CHAT_NODE_ID": "bench-node",
         "CHAT_SHARDS": str(shards), "CHAT_LOG_LEVEL": "WARNING",
+        # Every bench client comes from 127.0.0.1: lift the per-IP connection cap.
+        "CHAT_MAX_CONNECTIONS_PER_IP": "0",
     }
 
 
