@@ -203,8 +203,12 @@ class WsServer:
                 except Exception:
                     pass
             code = ws.close_code if ws.close_code is not None else 1006
+            sent = ws.protocol.close_sent
+            if code == 1006 and sent is not None:
+                # The server failed the connection (1009, 4502...) without waiting for the echo.
+                code = sent.code
             METRICS.connections_closed.labels(code=_code_label(code)).inc()
-            if code == CloseCodes.TOO_LARGE:
+            if sent is not None and sent.code == CloseCodes.TOO_LARGE:
                 METRICS.rate_limited.labels(limit="frame_bytes").inc()
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
