@@ -28,8 +28,8 @@ from .ws import count_limit
 if TYPE_CHECKING:
     from .app import Node
 
-SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ALERT_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+ALERT_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 MAX_ALERT_RECIPIENTS = 1000
 MAX_ALERT_DATA_BYTES = 8192
 POLLER_KEY: web.AppKey[Poller] = web.AppKey("poller")

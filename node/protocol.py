@@ -14,11 +14,13 @@ import orjson
 
 from .errors import BadRequest, TooLarge
 
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-ROOM_ID_RE = re.compile(r"^(general|dm:[A-Za-z0-9_.@-]{1,64}:[A-Za-z0-9_.@-]{1,64}|r-[a-z0-9]{4,32})$")
-STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-CMID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# \Z, not $: "$" also matches before a trailing newline, which let "alice\n" pass as a user id.
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}\Z")
+ROOM_ID_RE = re.compile(r"^(general|dm:[A-Za-z0-9_.@-]{1,64}:[A-Za-z0-9_.@-]{1,64}|r-[a-z0-9]{4,32})\Z")
+STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+CMID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+MAX_STREAM_PART = 2**64 - 1  # Redis refuses larger stream id parts (an error, not a miss)
 MAX_REF_CHARS = 64
 MAX_DEPTH = 8
 
@@ -132,8 +134,16 @@ def check_user_id(user: str) -> str:
     return user
 
 
-def check_stream_id(value: str, field: str = "id") -> str:
+def stream_id_ok(value: str) -> bool:
+    """A stream id Redis accepts: ``ms-seq``, each part at most 2**64 - 1."""
     if not STREAM_ID_RE.match(value):
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) <= MAX_STREAM_PART and int(seq) <= MAX_STREAM_PART
+
+
+def check_stream_id(value: str, field: str = "id") -> str:
+    if not stream_id_ok(value):
         raise BadRequest(f"{field} must be a stream id like 1732200000000-0")
     return value
 
@@ -162,7 +172,7 @@ def parse_cursor(value: Any) -> tuple[str, str] | None:
     epoch, sid = value.get("epoch"), value.get("id")
     if not isinstance(epoch, str) or not isinstance(sid, str):
         return None
-    if not EPOCH_RE.match(epoch) or not STREAM_ID_RE.match(sid):
+    if not EPOCH_RE.match(epoch) or not stream_id_ok(sid):
         return None
     return epoch, sid
 

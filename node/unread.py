@@ -16,7 +16,7 @@ def parse_marker(raw: Any) -> tuple[str, int]:
     """``"<id> <seq>"`` -> (id, seq); a missing or broken marker reads as nothing read."""
     if raw is None:
         return "0-0", 0
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
     sid, _, seq = text.partition(" ")
     try:
         return sid or "0-0", max(0, int(seq))
