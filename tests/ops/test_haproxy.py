@@ -37,9 +37,9 @@ def haproxy(tmp_path: Path):
         lb.proc.stop(timeout=2)
 
 
-async def wait_for_states(lb: HAProxy, want: dict[str, str], timeout: float = 10.0) -> dict[Any, Any]:
+async def wait_for_states(lb: HAProxy, want: dict[str, str], within: float = 10.0) -> dict[Any, Any]:
     """Poll HAProxy's stats until every named server has the wanted status in both backends."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout):
+    async with aiohttp.ClientSession() as http, asyncio.timeout(within):
         while True:
             async with http.get(lb.stats_url) as response:
                 states = server_states(await response.text())
@@ -49,11 +49,11 @@ async def wait_for_states(lb: HAProxy, want: dict[str, str], timeout: float = 10
             await asyncio.sleep(0.05)  # polling HAProxy's view, with a deadline
 
 
-async def general_messages(client: ChatClient, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+async def general_messages(client: ChatClient, n: int, within: float = 20.0) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while len(got) < n:
-            event = await client.next_event("message", timeout=timeout)
+            event = await client.next_event("message", timeout=within)
             if event["room"] == "general":
                 got.append(event)
     return got
@@ -121,8 +121,8 @@ async def test_drain_under_traffic_behind_haproxy_loses_nothing(start_nodes, hap
                 acked.append(reply)
                 progress.notify_all()
 
-    async def until_acked(n: int, timeout: float = 20.0) -> None:
-        async with asyncio.timeout(timeout), progress:
+    async def until_acked(n: int) -> None:
+        async with asyncio.timeout(20), progress:
             await progress.wait_for(lambda: len(acked) >= n)
 
     sending = [asyncio.create_task(keep_sending(s, tag)) for s, tag in zip(senders, "ab", strict=True)]

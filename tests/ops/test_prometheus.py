@@ -171,7 +171,7 @@ async def test_every_dashboard_panel_and_alert_rule_evaluates(start_nodes, clien
                 empty.append(f"{title}: {expr}")
         assert not empty, "panels without data:\n" + "\n".join(empty)
 
-        for name, expr in rule_exprs():
+        for _name, expr in rule_exprs():
             await query(http, prom, expr)  # parses and evaluates (firing or not)
         # Prometheus loaded the rules file itself and evaluates every rule without error.
         async with asyncio.timeout(10):
