@@ -32,10 +32,10 @@ async def rate_limited(http_url: str, limit: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-async def eventually(check, timeout: float = 10.0):
+async def eventually(check, within: float = 10.0):
     """Retry ``check`` (an async callable returning a truthy value) until it passes."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         result = await check()
         if result:
