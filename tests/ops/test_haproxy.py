@@ -39,14 +39,19 @@ def haproxy(tmp_path: Path):
 
 async def wait_for_states(lb: HAProxy, want: dict[str, str], within: float = 10.0) -> dict[Any, Any]:
     """Poll HAProxy's stats until every named server has the wanted status in both backends."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(within):
-        while True:
-            async with http.get(lb.stats_url) as response:
-                states = server_states(await response.text())
-            if all(states[(backend, name)]["status"] == status
-                   for name, status in want.items() for backend in ("ws", "http")):
-                return states
-            await asyncio.sleep(0.05)  # polling HAProxy's view, with a deadline
+    states: dict[Any, Any] = {}
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(within):
+            while True:
+                async with http.get(lb.stats_url) as response:
+                    states = server_states(await response.text())
+                if all(states[(backend, name)]["status"] == status
+                       for name, status in want.items() for backend in ("ws", "http")):
+                    return states
+                await asyncio.sleep(0.05)  # polling HAProxy's view, with a deadline
+    except TimeoutError:
+        seen = {key: (row["status"], row.get("check_status"), row.get("check_code")) for key, row in states.items()}
+        raise AssertionError(f"HAProxy never saw {want}: {seen}") from None
 
 
 async def general_messages(client: ChatClient, n: int, within: float = 20.0) -> list[dict[str, Any]]:
