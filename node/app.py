@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
 from websockets.asyncio.server import serve
 
@@ -71,6 +72,7 @@ class Node:
         self.loop_lag = 0.0
         self._online_cache: dict[str, tuple[float, int]] = {}
         self._local_sessions: dict[str, str] = {}  # WS session id -> user id
+        self._control: dict[str, Any] = {}  # cluster server name -> client for CLIENT UNBLOCK
 
     # -- helpers used by the services -------------------------------------------------------
     @staticmethod
@@ -415,7 +417,8 @@ class Node:
         """Keep ``redis_ok`` (for /readyz) current."""
         while True:
             try:
-                await self.redis.ping()
+                with redisio.unavailable_on_redis_errors("ping"):
+                    await self.redis.ping()
                 self.redis_ok = True
             except Exception:
                 self.redis_ok = False
@@ -439,13 +442,34 @@ class Node:
 
         return EphemeralTopic(self.keys.shard_ephemeral(shard), shard, start_position(), route)
 
-    def _make_reader_conn(self, shard: int) -> Any:
-        return redisio.connect_dedicated(self.settings.redis_url, self.settings.read_block_ms)
+    async def _make_reader_conn(self, shard: int, refresh: bool) -> tuple[Any, Any]:
+        """A blocking connection for a shard reader, and how to CLIENT UNBLOCK it.
+
+        On Redis Cluster the connection goes straight to the master owning the shard's slot
+        (every key of a shard shares it); after a failure the slot map is refreshed first, so a
+        failover or a migrated slot is followed.
+        """
+        block_ms = self.settings.read_block_ms
+        if not redisio.is_cluster_url(self.settings.redis_url):
+            return redisio.connect_dedicated(self.settings.redis_url, block_ms), self.redis.client_unblock
+        if refresh:
+            with contextlib.suppress(Exception):
+                await self.redis.nodes_manager.initialize()
+        server = self.redis.get_node_from_key(self.keys.shard_ephemeral(shard))
+        password = self.redis.get_connection_kwargs().get("password")
+        conn = redisio.connect_server(server.host, server.port, block_ms, password)
+        control = self._control.get(server.name)
+        if control is None:
+            control = self._control[server.name] = aioredis.Redis(
+                host=server.host, port=server.port, password=password, socket_connect_timeout=2,
+                socket_timeout=5, max_connections=8)
+        return conn, control.client_unblock
 
     async def run(self, announce: bool = True) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
-        METRICS.build_info.info({"version": __version__, "python": sys.version.split()[0]})
+        METRICS.build_info.info({"version": __version__, "python": sys.version.split()[0],
+                                 "node": settings.node_id})
         self.flusher = Flusher(loop)
         self.fanout = Fanout(settings, self.redis, self.flusher, self._make_reader_conn,
                              self.check_epochs, self._ephemeral_topic)
@@ -501,4 +525,6 @@ class Node:
                 await runner.cleanup()
                 for task in tasks:
                     task.cancel()
+        for control in self._control.values():
+            await control.aclose()
         await self.redis.aclose()

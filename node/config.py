@@ -115,6 +115,9 @@ FIELDS: tuple[Field, ...] = (
           "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data", _positive),
     Field("read_count", "CHAT_READ_COUNT", int, 512, "Entries per XREAD call of a shard reader", _positive),
     Field("read_block_ms", "CHAT_READ_BLOCK_MS", int, 5000, "Longest block of a shard reader's XREAD", _positive),
+    Field("read_linger_ms", "CHAT_READ_LINGER_MS", float, 2.0,
+          "After a shard read that returned entries, wait this long before the next one so busy "
+          "rooms are read and written in batches (0: read again at once)", _non_negative),
     Field("ping_interval_s", "CHAT_PING_INTERVAL_S", float, 20.0, "WebSocket ping interval", _positive),
     Field("cmid_ttl_s", "CHAT_CMID_TTL_S", int, 86400, "How long a client message id deduplicates sends", _positive),
     Field("max_connections", "CHAT_MAX_CONNECTIONS", int, 50000, "WebSocket connections per node", _positive),
@@ -189,6 +192,7 @@ class Settings:
     shards: int
     read_count: int
     read_block_ms: int
+    read_linger_ms: float
     ping_interval_s: float
     cmid_ttl_s: int
     max_connections: int

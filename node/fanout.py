@@ -22,7 +22,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.protocol import State
@@ -37,6 +37,10 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 # An encoder turns one stream entry into a frame payload, or (payload, user to skip) for events
 # that must not reach the author's own sessions (typing), or None to deliver nothing.
 Encoder = Callable[["Topic", str, dict[bytes, bytes]], "bytes | tuple[bytes, str] | None"]
+
+
+async def _never_unblocked(client_id: int) -> bool:
+    return False
 
 
 class Flusher:
@@ -218,6 +222,9 @@ class ShardReader:
         self.inflight: frozenset[str] | None = None
         self.wake = asyncio.Event()
         self.conn: Any = None
+        # CLIENT UNBLOCK must reach the Redis server the reader's connection is on.
+        self.unblock: Callable[[int], Awaitable[Any]] = _never_unblocked
+        self.failures = 0
         self.healthy = False
         # Age of the newest entry of the last read (0 after a read that timed out empty: caught
         # up). Exported as the max over readers at scrape time, so an idle shard never keeps a
@@ -236,7 +243,7 @@ class ShardReader:
             if inflight is None or key in inflight or self.client_id is None:
                 return
             try:
-                unblocked = await self.fanout.redis.client_unblock(self.client_id)
+                unblocked = await self.unblock(self.client_id)
             except redisio.TRANSIENT:
                 return  # the reader is reconnecting and will pick the key up
             if unblocked:
@@ -253,7 +260,9 @@ class ShardReader:
                 continue
             try:
                 if self.conn is None:
-                    self.conn = self.fanout.make_reader_conn(self.shard)
+                    # After a failure the server may have changed (failover, slot moved): the
+                    # factory re-resolves which server owns the shard's slot.
+                    self.conn, self.unblock = await self.fanout.make_reader_conn(self.shard, self.failures > 0)
                     self.client_id = int(await self.conn.client_id())
                     if not self.healthy:
                         await self.fanout.on_reader_reconnect(self)
@@ -271,7 +280,8 @@ class ShardReader:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except redisio.TRANSIENT as exc:
+            except (*redisio.TRANSIENT, *redisio.TOPOLOGY) as exc:
+                self.failures += 1
                 METRICS.redis_errors.labels(op="xread").inc()
                 if self.healthy:
                     log.warning("shard reader lost Redis", extra={"shard": self.shard, "error": type(exc).__name__})
@@ -281,14 +291,22 @@ class ShardReader:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except Exception:
+                self.failures += 1
                 log.exception("shard reader failed", extra={"shard": self.shard})
                 self.healthy = False
                 await self._drop_conn()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            self.failures = 0
             if result:
                 self.fanout.dispatch(self, result)
+                if settings.read_linger_ms:
+                    # Traffic is flowing: let entries accumulate so that the next XREAD brings
+                    # several per room and each socket gets them in one write (the kernel cost
+                    # of a socket write dominates fan-out). A read that was blocked waiting --
+                    # an idle room's first message -- goes out at once.
+                    await asyncio.sleep(settings.read_linger_ms / 1000.0)
             else:
                 self.lag = 0.0
 
@@ -308,7 +326,7 @@ class Fanout:
     """
 
     def __init__(self, settings: Any, redis: Any, flusher: Flusher,
-                 make_reader_conn: Callable[[int], Any],
+                 make_reader_conn: Callable[[int, bool], Awaitable[tuple[Any, Callable[[int], Awaitable[Any]]]]],
                  on_epoch_check: Callable[[ShardReader], Any] | None = None,
                  ephemeral: Callable[[int], Topic] | None = None) -> None:
         self.settings = settings

@@ -10,6 +10,7 @@ next login exactly once.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -107,13 +108,19 @@ class PersonalStreams:
 
     async def publish_many(self, users: list[str], event: dict[str, Any]) -> dict[str, str]:
         payload = orjson.dumps(event)
+
+        async def one(user: str) -> Any:
+            return await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
+                                       args=[self.maxlen, payload, new_epoch()])
+
+        # Concurrent script calls rather than a pipeline: each user's keys are in its own slot.
+        out: dict[str, str] = {}
         with unavailable_on_redis_errors("personal"):
-            pipe = self.redis.pipeline(transaction=False)
-            for user in users:
-                await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
-                                    args=[self.maxlen, payload, new_epoch()], client=pipe)
-            ids = await pipe.execute()
-        return {user: _s(sid) for user, sid in zip(users, ids, strict=True)}
+            for i in range(0, len(users), 100):
+                chunk = users[i:i + 100]
+                ids = await asyncio.gather(*(one(u) for u in chunk))
+                out.update({user: _s(sid) for user, sid in zip(chunk, ids, strict=True)})
+        return out
 
     async def open(self, user: str) -> tuple[str, str, str]:
         """(epoch, delivered-up-to id, newest id) of the user's personal stream."""

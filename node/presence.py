@@ -26,7 +26,7 @@ START_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local before = redis.call('ZCARD', KEYS[1])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 86400000)
 local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[5]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5]) end
 redis.call('HSET', KEYS[3], 'name', ARGV[4])
@@ -34,14 +34,8 @@ if before == 0 then return 1 end
 return 0
 """
 
-# KEYS: sessions, online-index.  ARGV: session, expiry_ms, user
-HEARTBEAT_LUA = """
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-if tonumber(redis.call('PTTL', KEYS[1])) < tonumber(ARGV[2]) then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
-local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[3]) or '0')
-if tonumber(ARGV[2]) > cur then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3]) end
-return 1
-"""
+# The sessions key outlives its newest entry by far; entries expire by their scores.
+SESSIONS_KEY_TTL_MS = 86_400_000
 
 # KEYS: sessions, online-index, user-meta.  ARGV: session, now_ms, user
 END_LUA = """
@@ -90,7 +84,6 @@ class Presence:
         self.keys = keys
         self.ttl_ms = ttl_s * 1000
         self._start = redis.register_script(START_LUA)
-        self._heartbeat = redis.register_script(HEARTBEAT_LUA)
         self._end = redis.register_script(END_LUA)
         self._sweep = redis.register_script(SWEEP_LUA)
 
@@ -111,7 +104,9 @@ class Presence:
         return bool(int(first))
 
     async def heartbeat(self, sessions: list[tuple[str, str]], ttl_ms: int | None = None) -> None:
-        """Refresh many (user, session) pairs in one pipeline: two ZADDs each."""
+        """Refresh many (user, session) pairs in one pipeline: two ZADDs and a PEXPIRE each,
+        whatever the number of rooms the user is in. Plain commands (no script) so that the
+        cluster client can split the pipeline by slot."""
         if not sessions:
             return
         expiry = self.now_ms() + (ttl_ms or self.ttl_ms)
@@ -119,8 +114,10 @@ class Presence:
         with unavailable_on_redis_errors("heartbeat"):
             pipe = self.redis.pipeline(transaction=False)
             for user, session in sessions:
-                await self._heartbeat(keys=[k.user_sessions(user), k.online_index(k.user_shard(user))],
-                                      args=[session, expiry, user], client=pipe)
+                skey = k.user_sessions(user)
+                pipe.zadd(skey, {session: expiry})
+                pipe.pexpire(skey, SESSIONS_KEY_TTL_MS)
+                pipe.zadd(k.online_index(k.user_shard(user)), {user: expiry}, gt=True)
             await pipe.execute()
 
     async def end(self, user: str, session: str) -> bool:

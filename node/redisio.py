@@ -27,6 +27,11 @@ TRANSIENT = (
 Redis = aioredis.Redis | RedisCluster
 
 
+# A shard reader talks to one server directly; these mean "the slot is served elsewhere now"
+# (slot migrated, failover): re-resolve the owner and reconnect.
+TOPOLOGY = (rexc.MovedError, rexc.AskError, rexc.ReadOnlyError)
+
+
 def is_cluster_url(url: str) -> bool:
     return url.startswith("redis+cluster://")
 
@@ -38,10 +43,19 @@ def connect(url: str, *, max_connections: int = 256) -> Any:
             "redis://" + url[len("redis+cluster://"):],
             max_connections=max_connections,
         )
-    return aioredis.Redis.from_url(
-        url, max_connections=max_connections, socket_connect_timeout=2,
+    # A blocking pool: a burst of commands waits for a free connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, socket_connect_timeout=2,
         health_check_interval=15, socket_keepalive=True,
     )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def connect_server(host: str, port: int, block_ms: int, password: str | None = None) -> aioredis.Redis:
+    """A dedicated connection to one server of a Redis Cluster (for a shard reader)."""
+    return aioredis.Redis(host=host, port=port, password=password, single_connection_client=True,
+                          socket_connect_timeout=2, socket_timeout=block_ms / 1000.0 + 10.0,
+                          socket_keepalive=True)
 
 
 def connect_dedicated(url: str, block_ms: int) -> aioredis.Redis:
