@@ -1,4 +1,4 @@
-"""The ``chatcluster`` command: ``node``, ``up``, ``token``, ``alert``."""
+"""The ``chatcluster`` command: ``node``, ``up``, ``token``, ``alert``, ``archive``."""
 
 from __future__ import annotations
 
@@ -194,6 +194,32 @@ def cmd_alert(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from .archive import archive
+
+    try:
+        older_than = config.duration(args.older_than)
+        if older_than < 0:
+            raise ValueError("must be >= 0")
+        settings = config.load(overrides={"redis_url": args.redis_url})
+    except ValueError as exc:  # ConfigError is a ValueError
+        print(f"chatcluster: --older-than / configuration: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> dict[str, Any]:
+        result = await archive(settings.redis_url, older_than, args.out, shards=settings.shards)
+        return result.summary()
+
+    try:
+        summary = asyncio.run(main())
+    except Exception as exc:  # a cron job wants one line and a non-zero status
+        print(f"chatcluster: archive failed, nothing was trimmed after the failure: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatcluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_alert.add_argument("--url", default=os.environ.get("CHAT_URL", "http://127.0.0.1:8001"),
                          help="a node's HTTP URL (CHAT_URL)")
     p_alert.set_defaults(func=cmd_alert)
+
+    p_archive = sub.add_parser(
+        "archive", help="export messages older than a cut to gzipped JSON lines, then trim them")
+    p_archive.add_argument("--older-than", required=True,
+                           help="age of the oldest message kept: 30d, 12h, 90m, seconds")
+    p_archive.add_argument("--out", required=True,
+                           help="FILE.jsonl.gz; an existing file is appended to, never truncated")
+    p_archive.add_argument("--redis-url", default=None, help="overrides CHAT_REDIS_URL")
+    p_archive.set_defaults(func=cmd_archive)
     return parser
 
 

@@ -36,6 +36,23 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(raw: str) -> float:
+    """Seconds from ``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"2w"`` or a plain number."""
+    value = raw.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:]) if value else None
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError("expected a duration such as 30d, 12h, 90m, 45s or seconds") from None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite duration")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Field:
     name: str  # attribute name on Settings
@@ -103,6 +120,9 @@ FIELDS: tuple[Field, ...] = (
           "On SIGTERM, closes (4001) are spread over this window", _non_negative),
     Field("presence_ttl", "CHAT_PRESENCE_TTL", int, 30, "Seconds a session stays online without a heartbeat", _positive),
     Field("history_maxlen", "CHAT_HISTORY_MAXLEN", int, 10000, "Messages kept per room (approximate trim)", _positive),
+    Field("history_max_age_s", "CHAT_HISTORY_MAX_AGE", duration, 0.0,
+          "Messages older than this are trimmed from a room when it gets a new one (approximate): "
+          "30d, 12h, seconds; 0: keep them (CHAT_HISTORY_MAXLEN still applies)", _non_negative),
     Field("max_text_chars", "CHAT_MAX_TEXT_CHARS", int, 4000, "Longest message text, in characters", _positive),
     Field("max_frame_bytes", "CHAT_MAX_FRAME_BYTES", int, 65536, "Largest client frame; larger closes 1009", _positive),
     Field("outbound_buffer_bytes", "CHAT_OUTBOUND_BUFFER_BYTES", int, 1 << 20,
@@ -183,6 +203,7 @@ class Settings:
     drain_seconds: float
     presence_ttl: int
     history_maxlen: int
+    history_max_age_s: float
     max_text_chars: int
     max_frame_bytes: int
     outbound_buffer_bytes: int

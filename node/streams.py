@@ -2,7 +2,7 @@
 
 Every command here touches the keys of one room only, which share the room's hash tag, so each
 works unchanged on Redis Cluster. Appending is one Lua script: dedupe by ``cmid``, bump ``seq``,
-``XADD`` with approximate ``MAXLEN`` trimming, remember ``last_id`` -- all or nothing.
+``XADD`` with approximate ``MAXLEN`` trimming (and ``MINID`` by age), remember ``last_id`` -- all or nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from .keys import Keys, RoomId, StreamId
 from .protocol import stream_id_tuple
 from .redisio import unavailable_on_redis_errors
 
-# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid ('' = none), kind, cmid_ttl
+# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid ('' = none), kind, cmid_ttl,
+# max_age_ms (0 = off). Age trimming is relative to the new entry's id (Redis's clock, like the
+# ids), so a node's clock never decides what is old. XADD takes one trim strategy, hence XTRIM.
 APPEND_LUA = """
 if ARGV[5] ~= '' then
   local prev = redis.call('GET', KEYS[3])
@@ -28,6 +30,11 @@ local fields = {'f', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 's', seq}
 if ARGV[5] ~= '' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = ARGV[6] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+local max_age = tonumber(ARGV[8])
+if max_age > 0 then
+  local cut = tonumber(string.match(id, '^(%d+)')) - max_age
+  if cut > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', cut)) end
+end
 redis.call('HSET', KEYS[2], 'last_id', id)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
@@ -80,10 +87,12 @@ def _s(value: Any) -> str:
 class RoomStreams:
     """Room data access for one node. Never holds state of its own besides the script handles."""
 
-    def __init__(self, redis: Any, keys: Keys, *, maxlen: int, cmid_ttl_s: int) -> None:
+    def __init__(self, redis: Any, keys: Keys, *, maxlen: int, cmid_ttl_s: int,
+                 max_age_s: float = 0.0) -> None:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
+        self.max_age_ms = int(max_age_s * 1000)  # CHAT_HISTORY_MAX_AGE; 0: no age trimming
         self.cmid_ttl_s = cmid_ttl_s
         self._append = redis.register_script(APPEND_LUA)
         self._ensure = redis.register_script(ENSURE_ROOM_LUA)
@@ -132,7 +141,8 @@ class RoomStreams:
         with unavailable_on_redis_errors("append"):
             status, payload = await self._append(
                 keys=keys,
-                args=[self.maxlen, user, name, text, cmid or "", kind, self.cmid_ttl_s],
+                args=[self.maxlen, user, name, text, cmid or "", kind, self.cmid_ttl_s,
+                      self.max_age_ms],
             )
         if int(status) == -1:
             raise NotFound("no such room")

@@ -1,0 +1,202 @@
+"""``chatcluster archive``: export room messages older than a cut to gzipped JSON lines, then
+trim exactly what was exported.
+
+Safe to run from cron while the cluster serves:
+
+* The cut is taken from each Redis server's own clock (``TIME``), the clock that makes the
+  stream ids, so a skewed clock on the archiving host cannot reach into recent messages.
+* Nothing is trimmed before the export file is complete, flushed, fsynced and renamed into
+  place (and its directory fsynced).
+* Each room is then trimmed with an exact ``XTRIM MINID`` just past the *last exported* entry
+  (which is never newer than the cut). Stream ids only grow, so every entry below that bound was
+  exported; a message appended during the run has a newer id and is never touched.
+* A second run finds nothing older than the cut and exports and trims nothing. An existing
+  ``--out`` file is never truncated: new messages are added to it as another gzip member
+  (``gzip``/``zcat`` and :func:`gzip.open` read concatenated members as one stream).
+
+Delivery is at-least-once: if the process dies after the export was written but before the
+trim, the next run exports those messages again. ``(room, id)`` identifies a message; dedupe
+on it when loading archives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from . import redisio
+from .keys import PREFIX, Keys
+from .protocol import message_event
+
+STREAM_PATTERN = PREFIX + ":{s*}:r:*:x"  # the shape of Keys.room_stream, any shard and room
+MAX_SEQ = (1 << 64) - 1
+
+
+@dataclass
+class RoomExport:
+    key: str
+    room: str
+    cut: str  # entries below this id were candidates
+    exported: int = 0
+    last_id: str = ""  # the newest exported entry
+
+
+@dataclass
+class ArchiveResult:
+    out: str
+    rooms_scanned: int = 0
+    exported: int = 0
+    trimmed: int = 0
+    rooms: list[RoomExport] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": self.out, "rooms_scanned": self.rooms_scanned,
+                "rooms_archived": sum(1 for r in self.rooms if r.exported),
+                "exported": self.exported, "trimmed": self.trimmed}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def next_id(sid: str) -> str:
+    """The smallest stream id greater than ``sid``."""
+    ms, _, seq = sid.partition("-")
+    return f"{ms}-{int(seq) + 1}" if int(seq) < MAX_SEQ else f"{int(ms) + 1}-0"
+
+
+def archive_line(room: str, sid: str, fields: dict[bytes, bytes]) -> bytes:
+    """One JSON line: the ``message`` event of the entry without its ``type``."""
+    event = message_event(room, sid, fields)
+    del event["type"]
+    return orjson.dumps(event) + b"\n"
+
+
+async def _servers(client: Any) -> list[tuple[aioredis.Redis, bool]]:
+    """One client per server to scan: every master of a cluster, or the one server."""
+    if not hasattr(client, "get_primaries"):
+        return [(client, False)]
+    await client.initialize()
+    password = client.get_connection_kwargs().get("password")
+    return [(aioredis.Redis(host=node.host, port=node.port, password=password,
+                            socket_connect_timeout=5, socket_timeout=30), True)
+            for node in client.get_primaries()]
+
+
+async def _room_streams(server: aioredis.Redis, keys: Keys) -> AsyncIterator[tuple[str, str]]:
+    async for raw in server.scan_iter(match=STREAM_PATTERN, count=1000, _type="stream"):
+        key = _s(raw)
+        room = keys.stream_room(key)
+        if room is not None:
+            yield key, room
+
+
+async def _export_room(client: Any, room: RoomExport, gz: Any, batch: int) -> None:
+    start = "-"
+    while True:
+        entries = await client.xrange(room.key, start, "(" + room.cut, count=batch)
+        for raw_id, fields in entries:
+            sid = _s(raw_id)
+            gz.write(archive_line(room.room, sid, fields))
+            room.exported += 1
+            room.last_id = sid
+        if len(entries) < batch:
+            return
+        start = "(" + room.last_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_export(tmp: Path) -> tuple[Any, gzip.GzipFile]:
+    raw = open(tmp, "wb")  # noqa: SIM115 -- closed by the caller's with
+    return raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0)
+
+
+def _publish(tmp: Path, out: Path, exported: bool) -> None:
+    """Make ``out`` hold its old content (if any) followed by ``tmp``, atomically and durably.
+
+    With nothing exported an existing ``out`` is left alone (a new one is created empty)."""
+    if out.exists():
+        if not exported:
+            return
+        combined = tmp.with_name(tmp.name + ".all")
+        try:
+            with open(combined, "wb") as dst:
+                for part in (out, tmp):
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(combined, out)
+        finally:
+            combined.unlink(missing_ok=True)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
+async def archive(redis_url: str, older_than_s: float, out: str | os.PathLike[str], *,
+                  shards: int = 16, batch: int = 1000) -> ArchiveResult:
+    """Export every room message older than ``older_than_s`` to ``out`` and trim them.
+
+    ``shards`` only names keys; the scan finds every room stream whatever the shard count.
+    """
+    out_path = Path(out)
+    result = ArchiveResult(str(out_path))
+    keys = Keys(shards)
+    client = redisio.connect(redis_url, max_connections=8)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    servers: list[tuple[aioredis.Redis, bool]] = []
+    try:
+        servers = await _servers(client)
+        rooms: list[RoomExport] = []
+        raw, gz = _open_export(tmp)
+        with raw, gz:
+            for server, _ in servers:
+                secs, micros = await server.time()
+                now_ms = int(secs) * 1000 + int(micros) // 1000
+                cut = f"{max(0, now_ms - int(older_than_s * 1000))}-0"
+                async for key, room in _room_streams(server, keys):
+                    result.rooms_scanned += 1
+                    export = RoomExport(key, room, cut)
+                    await _export_room(client, export, gz, batch)
+                    if export.exported:
+                        rooms.append(export)
+            gz.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        result.rooms = rooms
+        result.exported = sum(r.exported for r in rooms)
+        await asyncio.to_thread(_publish, tmp, out_path, result.exported > 0)
+        # Only now, with the export durable, remove what it holds.
+        for done in rooms:
+            result.trimmed += int(await client.xtrim(done.key, minid=next_id(done.last_id),
+                                                     approximate=False))
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+        for server, owned in servers:
+            if owned:
+                await server.aclose()
+        await client.aclose()
+
+
+def read_archive(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every line of an archive file (all gzip members), parsed."""
+    with gzip.open(path, "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]
