@@ -360,9 +360,22 @@ class Node:
         if GENERAL in metas and metas[GENERAL] is None:
             await self.rooms.ensure_general()
             metas[GENERAL] = await self.streams.meta(GENERAL)
+        rolled_back = await self._rolled_back([t for t in topics if (m := metas.get(t.name)) is not None
+                                               and m.epoch == t.epoch and t.pos != "0-0"])
         for topic in topics:
             meta = metas.get(topic.name)
             if meta is not None and meta.epoch == topic.epoch:
+                if topic.name in rolled_back:
+                    # A replica promoted without the newest entries (replication is async):
+                    # what this node delivered is gone from history. Say so, then go on from
+                    # what the stream has now; new entries get ids after the lost ones.
+                    log.warning("room stream rolled back (failover lost entries)")
+                    topic.pos = rolled_back[topic.name]
+                    event = {"type": "room", "change": "updated", "recovered": False,
+                             "room": room_summary(meta, meta.last_id, 0, 0, 0)}
+                    frame = ws_text_frame(dumps(event))
+                    for sink in topic.sinks:
+                        sink.push(frame)
                 continue
             log.warning("room epoch changed: stream data was lost", extra={"room_kind": meta.kind if meta else "gone"})
             topic.pos = "0-0"
@@ -375,6 +388,15 @@ class Node:
             frame = ws_text_frame(dumps(event))
             for sink in topic.sinks:
                 sink.push(frame)
+
+    async def _rolled_back(self, topics: list[Topic]) -> dict[str, str]:
+        """Rooms whose delivered position is newer than the stream's newest entry: the stream
+        lost entries this node already delivered. Maps room -> the stream's newest id."""
+        if not topics:
+            return {}
+        last = await self.streams.last_ids([t.name for t in topics])
+        return {t.name: last[t.name] for t in topics
+                if stream_id_tuple(last[t.name]) < stream_id_tuple(t.pos)}
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:

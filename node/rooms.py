@@ -225,15 +225,20 @@ class Rooms:
     async def member_counts(self, rooms: list[str]) -> dict[str, int]:
         if not rooms:
             return {}
+        others = [room for room in rooms if room != GENERAL]
+        out: dict[str, int] = {}
         with unavailable_on_redis_errors("members"):
-            pipe = self.redis.pipeline(transaction=False)
-            for room in rooms:
-                if room == GENERAL:
-                    pipe.pfcount(self.keys.general_members())
-                else:
+            if GENERAL in rooms:
+                # PFCOUNT outside the pipeline: the cluster client refuses it in one (it may
+                # name several keys); the general room's HyperLogLog is one key in one slot.
+                out[GENERAL] = int(await self.redis.pfcount(self.keys.general_members()))
+            if others:
+                pipe = self.redis.pipeline(transaction=False)
+                for room in others:
                     pipe.scard(self.keys.room_members(room))
-            counts = await pipe.execute()
-        return {room: int(n) for room, n in zip(rooms, counts, strict=True)}
+                for room, n in zip(others, await pipe.execute(), strict=True):
+                    out[room] = int(n)
+        return {room: out[room] for room in rooms}
 
     async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:
         """Open rooms from the directory (id -> name), filtered by a case-insensitive query."""

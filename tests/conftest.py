@@ -17,7 +17,30 @@ import pytest
 import redis.asyncio as aioredis
 
 from node.client import ChatClient
-from node.embedded import Proc, start_node, start_redis
+from node.embedded import Proc, RedisClusterProcs, start_node, start_redis, start_redis_cluster
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-cluster", action="store_true", default=False,
+                     help="run against a real 3-master/3-replica Redis Cluster instead of one Redis")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "standalone_only: needs a single Redis server (restarts it, etc.)")
+    config.addinivalue_line("markers", "cluster_only: needs Redis Cluster (failover, slots)")
+
+
+def use_cluster(config: pytest.Config) -> bool:
+    return bool(config.getoption("--redis-cluster") or os.environ.get("CHAT_TEST_REDIS") == "cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cluster = use_cluster(config)
+    for item in items:
+        if cluster and item.get_closest_marker("standalone_only"):
+            item.add_marker(pytest.mark.skip(reason="needs a single Redis server"))
+        if not cluster and item.get_closest_marker("cluster_only"):
+            item.add_marker(pytest.mark.skip(reason="needs --redis-cluster"))
 
 
 @dataclass
@@ -25,11 +48,20 @@ class RedisHandle:
     proc: Proc
     url: str
     port: int
+    cluster: RedisClusterProcs | None = None
 
     def restart(self) -> None:
         """Kill Redis (no persistence) and start an empty one on the same port."""
+        assert self.cluster is None, "mark the test standalone_only"
         self.proc.stop(timeout=0.1)
         self.proc = start_redis(self.port)
+
+    def client(self) -> Any:
+        if self.cluster is not None:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster(host="127.0.0.1", port=self.port)
+        return aioredis.Redis.from_url(self.url)
 
 
 @dataclass
@@ -51,7 +83,15 @@ class NodeHandle:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisHandle]:
+def redis_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisHandle]:
+    """A Redis of this test's own: one server, or with ``--redis-cluster`` a real cluster of
+    three masters and three replicas (then ``url`` is a ``redis+cluster://`` URL)."""
+    if use_cluster(request.config):
+        cluster = start_redis_cluster(3, 1, log_dir=str(tmp_path))
+        handle = RedisHandle(cluster.procs[0], cluster.url, cluster.ports[0], cluster)
+        yield handle
+        cluster.stop()
+        return
     proc = start_redis(0, log_path=str(tmp_path / "redis.log"))
     handle = RedisHandle(proc, proc.info["url"], int(proc.info["port"]))
     yield handle
@@ -59,8 +99,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisHandle]:
 
 
 @pytest.fixture
-async def redis_client(redis_server: RedisHandle) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
+async def redis_client(redis_server: RedisHandle) -> AsyncIterator[Any]:
+    client = redis_server.client()
     yield client
     await client.aclose()
 

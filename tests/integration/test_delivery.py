@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from node.client import ChatClient
+from node.keys import Keys
 
 
 async def collect(client: ChatClient, room: str, n: int, timeout: float = 20.0) -> list[dict]:
@@ -95,7 +96,6 @@ async def test_gap_beyond_retention_is_not_recovered(start_nodes, clients, redis
     epoch = alice.welcome["rooms"][0]["epoch"]
     for i in range(5):
         await alice.send("general", f"n{i}")
-    key = [k for k in await redis_client.keys("*:r:general:x")][0]
-    await redis_client.xtrim(key, maxlen=2, approximate=False)
+    await redis_client.xtrim(Keys(16).room_stream("general"), maxlen=2, approximate=False)
     late = await clients(a.ws_url, user="bob", cursors={"general": {"epoch": epoch, "id": first["id"]}})
     assert late.welcome["recovered"] == {"general": False}

@@ -3,6 +3,8 @@ reads. Clients fail over like behind a load balancer (two URLs) and nothing is l
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import signal
 from typing import Any
@@ -72,6 +74,7 @@ async def test_sigkill_of_a_node_under_load_loses_and_doubles_nothing(start_node
     assert [m["text"] for m in page["messages"]] == ["k398", "k399", "marker"]
 
 
+@pytest.mark.standalone_only
 async def test_redis_restarted_empty_gives_new_epoch_and_chat_recovers(start_nodes, clients, redis_server):
     a, b = start_nodes(2)
     alice = await clients(a.ws_url, user="alice")
