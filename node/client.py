@@ -58,7 +58,8 @@ class ChatClient:
                  personal: dict[str, str] | None = None, reconnect: bool = True,
                  backoff_min: float = 0.05, backoff_max: float = 5.0, max_events: int = 100_000,
                  open_timeout: float = 10.0, client_name: str = "chatcluster-py/0.1",
-                 token_provider: Callable[[], Awaitable[str]] | None = None) -> None:
+                 token_provider: Callable[[], Awaitable[str]] | None = None,
+                 ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.user, self.name, self.token = user, name, token
         self.token_provider = token_provider
@@ -69,6 +70,9 @@ class ChatClient:
         self.reconnect = reconnect
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.open_timeout = open_timeout
+        # Keepalive: a node that stops answering pings (hung, or a dead network path that sends
+        # no RST) is given up after ping_interval + ping_timeout, and the client fails over.
+        self.ping_interval, self.ping_timeout = ping_interval, ping_timeout
         self.client_name = client_name
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max_events)
         self.welcome: dict[str, Any] | None = None
@@ -170,7 +174,8 @@ class ChatClient:
 
     async def _session(self) -> None:
         async with connect(self.url, open_timeout=self.open_timeout, max_size=2**24,
-                           compression=None, ping_interval=20, close_timeout=2) as ws:
+                           compression=None, ping_interval=self.ping_interval,
+                           ping_timeout=self.ping_timeout, close_timeout=2) as ws:
             self._ws = ws
             await ws.send(orjson.dumps(self.hello_frame()).decode())
             try:
