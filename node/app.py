@@ -208,7 +208,7 @@ class Node:
                     continue
                 if event.get("change") in ("added", "removed"):
                     start = (event.get("room") or {}).get("last_id") or "0-0"
-                    self.spawn(self.sessions.reconcile_room(conn.sub, topic.name, room, start),
+                    self.spawn(self.sessions.reconcile_room(conn.sub, UserId(topic.name), room, start),
                                "membership")
         self.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 
@@ -286,7 +286,7 @@ class Node:
         """Presence event to the user's rooms that are small enough for per-user events."""
         rooms = await self.rooms.user_rooms(UserId(user))
         counts = await self.rooms.member_counts(list(rooms))
-        small = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
+        small: list[str] = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
         for room in rooms:
             self._online_cache.pop(room, None)
         await self.ephemeral.presence(small, user, name, status)

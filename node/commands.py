@@ -183,7 +183,7 @@ class Commands:
         node = self.node
         other = check_user_id(frame["user"])
         meta, new = await node.rooms.dm(caller.user, other, node.settings.max_rooms_per_user)
-        users = [caller.user, other] if new else [caller.user]
+        users: list[str] = [caller.user, other] if new else [caller.user]
         summary = await node.joined(caller, meta, users, announce=new)
         return {"room": summary}
 

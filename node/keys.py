@@ -38,7 +38,7 @@ class Keys:
     shards: int
 
     def tag(self, shard: int) -> str:
-        return "{s%d}" % shard
+        return f"{{s{shard}}}"
 
     # -- rooms ------------------------------------------------------------------------------
     def room_shard(self, room: str) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
 from .fanout import Sink, Topic
-from .keys import RoomId
+from .keys import RoomId, UserId
 from .metrics import METRICS
 from .protocol import dumps, message_event, parse_cursor, ws_text_frame
 from .resume import plan_replay
@@ -100,14 +100,14 @@ class Sessions:
         recovered: dict[str, bool] = {}
         replay_frames: list[bytes] = []
         for room, (epoch, cursor_id) in cursors.items():
-            meta = metas.get(room)
-            topic = sub.topics.get(room)
-            if meta is None or topic is None:
+            room_meta = metas.get(room)
+            room_topic = sub.topics.get(room)
+            if room_meta is None or room_topic is None:
                 continue  # not a room of this user: no replay, and no hint that it exists
             upto = positions[room]
             entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
-                if epoch == topic.epoch else []
-            plan = plan_replay(epoch, topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
+                if epoch == room_topic.epoch else []
+            plan = plan_replay(epoch, room_topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
             recovered[room] = plan.recovered
             METRICS.resumes.labels(recovered=str(plan.recovered).lower()).inc()
             METRICS.replay_messages.observe(len(plan.entries))
@@ -169,7 +169,7 @@ class Sessions:
         finally:
             sink.release()
 
-    async def reconcile_room(self, sub: Subscription, user: str, room: str, start: str | None) -> None:
+    async def reconcile_room(self, sub: Subscription, user: UserId, room: str, start: str | None) -> None:
         """Make the session's subscription to ``room`` match the membership in Redis.
 
         Membership events can arrive late or out of step with the session's own commands;

@@ -173,6 +173,7 @@ class WsServer:
                 log.info("slow consumer cut off", extra={"conn": conn.id})
                 conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer", SLOW_CONSUMER_GRACE_S)
 
+        assert node.flusher is not None, "the node is running"
         conn = Connection(ws, Sink(ws, node.flusher, node.settings.outbound_buffer_bytes, overflow))
         conn.ip = self._handshaking.pop(ws, "")
         self.connections.add(conn)

@@ -3,13 +3,12 @@ reads. Clients fail over like behind a load balancer (two URLs) and nothing is l
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import signal
 from typing import Any
 
 import aiohttp
+import pytest
 
 from node.client import ChatClient, ChatClientError
 from node.embedded import start_redis

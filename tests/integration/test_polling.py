@@ -8,7 +8,6 @@ from typing import Any
 import aiohttp
 
 
-
 class Poller:
     """A minimal polling client speaking PROTOCOL.md section 3, alternating between nodes."""
 
