@@ -218,7 +218,8 @@ class Commands:
             raise BadRequest("limit must be 1..1000")
         await node.rooms.require_reader(caller.user, room)
         users, count = await node.who(room, limit)
-        return {"online": users, "count": count}
+        names = await node.presence.names(users)
+        return {"online": [{"id": u, "name": names.get(u) or u} for u in users], "count": count}
 
     async def where(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         node = self.node

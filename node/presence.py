@@ -171,6 +171,17 @@ class Presence:
         users.sort()
         return users[:limit], count
 
+    async def names(self, users: list[str]) -> dict[str, str]:
+        """Display names last seen for ``users`` (one HGET each, pipelined)."""
+        if not users:
+            return {}
+        with unavailable_on_redis_errors("presence"):
+            pipe = self.redis.pipeline(transaction=False)
+            for user in users:
+                pipe.hget(self.keys.user_meta(user), "name")
+            values = await pipe.execute()
+        return {user: _s(v) for user, v in zip(users, values, strict=True) if v is not None}
+
     async def status(self, user: str) -> tuple[bool, int | None]:
         """(online, last_seen ms or None)."""
         now = self.now_ms()

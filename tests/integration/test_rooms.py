@@ -145,7 +145,7 @@ async def test_text_commands_are_never_stored(start_nodes, clients):
     await clients(a.ws_url, user="bob")
     room = (await alice.request("create_room", name="Ops", visibility="open"))["room"]
     who = await alice.send("general", "/who")
-    assert who["command"] == "who" and "alice" in who["online"] and who["count"] >= 2
+    assert who["command"] == "who" and {"id": "alice", "name": "alice"} in who["online"] and who["count"] >= 2
     rooms = await alice.send("general", "/rooms")
     assert rooms["command"] == "rooms" and room["id"] in [r["id"] for r in rooms["rooms"]]
     where = await alice.send("general", "/where bob")
