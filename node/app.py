@@ -71,6 +71,7 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self.loop_lag = 0.0
         self._online_cache: dict[str, tuple[float, int]] = {}
+        self._online_pending: dict[str, asyncio.Future[int]] = {}
         self._local_sessions: dict[str, str] = {}  # WS session id -> user id
         self._control: dict[str, Any] = {}  # cluster server name -> client for CLIENT UNBLOCK
 
@@ -112,18 +113,36 @@ class Node:
         return appended
 
     # -- room summaries, online counts ------------------------------------------------------
-    async def online_count(self, room: str) -> int:
-        """Online members of a room, cached a few seconds per node (counts are advisory)."""
+    async def online_count(self, room: str, members: int = 0) -> int:
+        """Online members of a room, cached per node (counts are advisory).
+
+        A big room's count costs O(members) in Redis (SMEMBERS, then ZMSCORE of every member):
+        it is kept as long as the throttled presence counts, transitions do not drop it, and
+        concurrent callers share one computation.
+        """
         now = time.monotonic()
+        big = room == GENERAL or members > self.settings.presence_room_limit
         cached = self._online_cache.get(room)
-        if cached is not None and now - cached[0] < ONLINE_CACHE_S:
+        if cached is not None and now - cached[0] < (PRESENCE_COUNT_INTERVAL_S if big else ONLINE_CACHE_S):
             return cached[1]
-        if room == GENERAL:
-            _, count = await self.presence.online_everyone(0)
-        else:
-            members = await self.rooms.members(room)
-            online = await self.presence.online_users(members)
-            count = sum(online.values())
+        pending = self._online_pending.get(room)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._online_pending[room] = future
+        try:
+            if room == GENERAL:
+                _, count = await self.presence.online_everyone(0)
+            else:
+                online = await self.presence.online_users(await self.rooms.members(room))
+                count = sum(online.values())
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            raise
+        finally:
+            self._online_pending.pop(room, None)
+        future.set_result(count)
         if len(self._online_cache) > 10_000:
             self._online_cache.clear()
         self._online_cache[room] = (now, count)
@@ -146,7 +165,7 @@ class Node:
         with redisio.unavailable_on_redis_errors("summaries"):
             reads = await self.redis.hmget(self.keys.user_reads(user), rooms)
         members = await self.rooms.member_counts(rooms)
-        online = await asyncio.gather(*(self.online_count(room) for room in rooms))
+        online = await asyncio.gather(*(self.online_count(room, members[room]) for room in rooms))
         out = []
         for i, room in enumerate(rooms):
             meta = metas[room]
@@ -287,7 +306,7 @@ class Node:
         rooms = await self.rooms.user_rooms(UserId(user))
         counts = await self.rooms.member_counts(list(rooms))
         small: list[str] = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
-        for room in rooms:
+        for room in small:  # a big room's count is throttled; recomputing it is O(members)
             self._online_cache.pop(room, None)
         await self.ephemeral.presence(small, user, name, status)
 
@@ -336,7 +355,7 @@ class Node:
                 if counts.get(topic.name, 0) <= self.settings.presence_room_limit:
                     continue
                 try:
-                    online = await self.online_count(topic.name)
+                    online = await self.online_count(topic.name, counts.get(topic.name, 0))
                 except ChatError:
                     break
                 if last.get(topic.name) == online:
