@@ -258,11 +258,19 @@ class Node:
             else:
                 recovered = False
         entries = await self.personal.range_after(user, after, upto, self.settings.personal_maxlen)
-        frames = []
+        frames: list[bytes] = []
         for sid, fields in entries:
             payload = personal_payload(sid.decode(), fields)
             if payload is not None:
                 frames.append(ws_text_frame(payload))
+        # Bounded like the room replay (a quarter of the buffer): keep the newest events.
+        budget, kept = self.settings.outbound_buffer_bytes // 4, 0
+        for i in range(len(frames) - 1, -1, -1):
+            kept += len(frames[i])
+            if kept > budget:
+                frames = frames[i + 1:]
+                recovered = False
+                break
         if entries:
             await self.personal.mark_delivered(user, entries[-1][0].decode())
         welcome["personal"] = {"epoch": epoch, "recovered": recovered, "last_id": upto}

@@ -25,7 +25,7 @@ from .fanout import Topic
 from .metrics import METRICS
 from .personal import PersonalTopic, personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
-from .resume import plan_replay
+from .resume import ReplayPlan, plan_replay
 from .session import parse_cursors, room_summary
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ class Poller:
         rooms = await node.rooms.user_rooms(user)
         metas = await node.sessions.room_metas(rooms)
         out.metas = metas
+        # One response carries at most `limit_per_room` messages in all: past that, rooms keep
+        # their cursors and the rest comes with the next poll (paging, not a gap).
+        remaining = limit_per_room
         for room, meta in metas.items():
             cursor = cursors.get(room)
             if cursor is None:
@@ -101,12 +104,16 @@ class Poller:
                 continue
             epoch, cursor_id = cursor
             upto = meta.last_id
-            if epoch == meta.epoch and cursor_id == upto:
+            if (epoch == meta.epoch and cursor_id == upto) or remaining <= 0:
                 out.cursors[room] = {"epoch": epoch, "id": cursor_id}
                 continue
-            entries = await node.streams.replay_range(room, cursor_id, upto, limit_per_room) \
+            # remaining + 1 entries: the cursor's own entry proves nothing was trimmed after it.
+            entries = await node.streams.replay_range(room, cursor_id, upto, remaining - 1) \
                 if epoch == meta.epoch else []
-            plan = plan_replay(epoch, meta.epoch, cursor_id, upto, entries, limit_per_room)
+            plan = plan_replay(epoch, meta.epoch, cursor_id, upto, entries, len(entries))
+            if plan.recovered:
+                plan = ReplayPlan(True, list(plan.entries)[:remaining])
+                remaining -= len(plan.entries)
             out.recovered[room] = plan.recovered
             if not plan.recovered:
                 out.events.append({"type": "room", "change": "updated", "recovered": False,

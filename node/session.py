@@ -99,6 +99,10 @@ class Sessions:
 
         recovered: dict[str, bool] = {}
         replay_frames: list[bytes] = []
+        # The replay goes through the connection's bounded buffer: past this budget, further
+        # rooms get `recovered: false` (reload with history) instead of a replay that would
+        # overflow the buffer and cut the client off as slow, again at every reconnect.
+        budget = node.settings.outbound_buffer_bytes // 2
         for room, (epoch, cursor_id) in cursors.items():
             room_meta = metas.get(room)
             room_topic = sub.topics.get(room)
@@ -108,11 +112,16 @@ class Sessions:
             entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
                 if epoch == room_topic.epoch else []
             plan = plan_replay(epoch, room_topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
-            recovered[room] = plan.recovered
-            METRICS.resumes.labels(recovered=str(plan.recovered).lower()).inc()
-            METRICS.replay_messages.observe(len(plan.entries))
-            for sid, fields in plan.entries:
-                replay_frames.append(ws_text_frame(dumps(message_event(room, sid.decode(), fields))))
+            frames = [ws_text_frame(dumps(message_event(room, sid.decode(), fields)))
+                      for sid, fields in plan.entries]
+            size = sum(len(f) for f in frames)
+            ok = plan.recovered and size <= budget
+            recovered[room] = ok
+            METRICS.resumes.labels(recovered=str(ok).lower()).inc()
+            if ok:
+                budget -= size
+                replay_frames.extend(frames)
+                METRICS.replay_messages.observe(len(frames))
 
         summaries = await node.room_summaries(identity.user, metas, positions)
         welcome = {

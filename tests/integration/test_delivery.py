@@ -99,3 +99,18 @@ async def test_gap_beyond_retention_is_not_recovered(start_nodes, clients, redis
     await redis_client.xtrim(Keys(16).room_stream("general"), maxlen=2, approximate=False)
     late = await clients(a.ws_url, user="bob", cursors={"general": {"epoch": epoch, "id": first["id"]}})
     assert late.welcome["recovered"] == {"general": False}
+
+
+async def test_a_replay_too_big_for_the_buffer_is_not_recovered_instead_of_cut_off(start_nodes, clients):
+    """A long absence in busy rooms must not overflow the returning client's buffer (4002 at
+    every reconnect): rooms past the replay budget get recovered: false."""
+    (a,) = start_nodes(1, CHAT_OUTBOUND_BUFFER_BYTES=16384)
+    alice = await clients(a.ws_url, user="alice")
+    cursor = {"epoch": alice.welcome["rooms"][0]["epoch"], "id": alice.welcome["rooms"][0]["last_id"]}
+    for i in range(40):
+        await alice.send("general", f"{i:03d} " + "y" * 500)
+    back = await clients(a.ws_url, user="bob", cursors={"general": cursor}, reconnect=False)
+    assert back.welcome["recovered"] == {"general": False}
+    await alice.send("general", "still connected")
+    event = await back.next_event("message")
+    assert event["text"] == "still connected"

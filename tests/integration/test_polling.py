@@ -166,3 +166,16 @@ async def test_epoch_change_is_reported_to_a_poller(start_nodes, clients, redis_
         await sender.send("general", "after")
         assert [e["text"] for e in await poller.poll()] == ["after"]
 
+
+
+async def test_a_large_gap_is_paged_over_polls_not_dropped(start_nodes, clients):
+    (a,) = start_nodes(1, CHAT_REPLAY_LIMIT=50)
+    sender = await clients(a.ws_url, user="sender")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "pam")
+        await poller.start()
+        sent = [(await sender.send("general", f"g{i}"))["id"] for i in range(120)]
+        pages = [await poller.poll() for _ in range(4)]
+        assert [len(p) for p in pages] == [50, 50, 20, 0]
+        assert [e["id"] for page in pages for e in page] == sent
+        assert all(e["type"] == "message" for page in pages for e in page)
