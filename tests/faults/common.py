@@ -22,8 +22,10 @@ class Sender:
     """Sends to ``room`` in a loop (each send retried with its cmid until acked) and records
     every ack; tests wait for progress with :meth:`until`."""
 
-    def __init__(self, client: ChatClient, tag: str, room: str = "general", size: int = 0) -> None:
+    def __init__(self, client: ChatClient, tag: str, room: str = "general", size: int = 0,
+                 interval: float = 0.005) -> None:
         self.client, self.tag, self.room = client, tag, room
+        self.interval = interval  # pacing, so a failover's gap stays within CHAT_REPLAY_LIMIT
         self.pad = "." * size
         self.acked: list[dict[str, Any]] = []
         self._progress = asyncio.Condition()
@@ -39,6 +41,8 @@ class Sender:
         while not self._stop.is_set():
             reply = await self.client.send(self.room, f"{self.tag}-{i}{self.pad}", timeout=30)
             i += 1
+            if self.interval:
+                await asyncio.sleep(self.interval)  # the send rate, not synchronisation
             async with self._progress:
                 self.acked.append(reply)
                 self._progress.notify_all()
@@ -60,6 +64,55 @@ class Sender:
         return self.acked
 
 
+class Tracker:
+    """Consumes a ChatClient's events as they come, keeping its messages and welcomes, so a test
+    can wait for a reconnect without throwing away the messages that arrive meanwhile."""
+
+    def __init__(self, client: ChatClient) -> None:
+        self.client = client
+        self.user = client.user
+        self.messages: list[dict[str, Any]] = []
+        self.welcomes: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            event = await self.client.events.get()
+            async with self._changed:
+                if event.get("type") == "message":
+                    self.messages.append(event)
+                elif event.get("type") == "welcome":
+                    self.welcomes.append(event)
+                self._changed.notify_all()
+
+    async def until(self, predicate: Any, what: str, within: float = 15.0) -> None:
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(lambda: predicate(self))
+        except TimeoutError:
+            raise AssertionError(f"{self.user}: no {what} within {within} s (messages "
+                                 f"{len(self.messages)}, welcomes {len(self.welcomes)}, close codes "
+                                 f"{self.client.close_codes})") from None
+
+    async def exact(self, ids: list[str], room: str = "general", within: float = 20.0) -> None:
+        """Exactly ``ids`` of ``room`` were received, in order, once each (the client's first
+        welcome counts: nothing from before it is expected)."""
+        def in_room(t: Tracker) -> list[str]:
+            return [m["id"] for m in t.messages if m["room"] == room]
+
+        await self.until(lambda t: len(in_room(t)) >= len(ids), f"{len(ids)} messages", within)
+        got = in_room(self)
+        if got != ids:
+            missing = [i for i in ids if i not in set(got)]
+            dups = sorted({i for i in got if got.count(i) > 1})
+            raise AssertionError(f"{self.user}: {len(missing)} missing (first {missing[:3]}), "
+                                 f"{len(got) - len(ids)} extra, duplicates {dups[:3]}")
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 def expected_ids(*senders: Sender) -> list[str]:
     ids = sorted((m["id"] for s in senders for m in s.acked), key=stream_id_tuple)
     assert len(set(ids)) == len(ids), "two acks with one id: a retried send was appended twice"
@@ -70,11 +123,16 @@ async def room_messages(client: ChatClient, n: int, room: str = "general",
                         within: float = 20.0) -> list[dict[str, Any]]:
     """The next ``n`` messages of ``room`` the client received."""
     got: list[dict[str, Any]] = []
-    async with asyncio.timeout(within):
-        while len(got) < n:
-            event = await client.next_event("message", timeout=within)
-            if event["room"] == room:
-                got.append(event)
+    try:
+        async with asyncio.timeout(within):
+            while len(got) < n:
+                event = await client.next_event("message", timeout=within)
+                if event["room"] == room:
+                    got.append(event)
+    except TimeoutError:
+        raise AssertionError(f"{client.user}: {len(got)} of {n} messages within {within} s "
+                             f"(welcomes {client.welcomes}, close codes {client.close_codes}, "
+                             f"recovered {client.welcome and client.welcome.get('recovered')})") from None
     return got
 
 
@@ -242,3 +300,6 @@ class ParallelNodes:
     def stop_all(self) -> None:
         for handle in self.started:
             handle.proc.stop(timeout=5)
+
+
+OPEN_WS = 'chatcluster_connections_open{transport="ws"}'
