@@ -129,10 +129,12 @@ class Workers:
             out.append(pipe.recv())
         return out
 
-    def connect(self, target: str, port: int, users: list[str], concurrency: int) -> dict[str, Any]:
+    def connect(self, target: str, port: int, users: list[str], concurrency: int,
+                dialect: str = "ws-json", rooms: list[list[str]] | None = None) -> dict[str, Any]:
         n = len(self.pipes)
         msgs = [{"op": "connect", "target": target, "host": "127.0.0.1", "port": port,
-                 "users": users[i::n], "concurrency": concurrency} for i in range(n)]
+                 "users": users[i::n], "concurrency": concurrency, "dialect": dialect,
+                 "rooms": rooms[i::n] if rooms is not None else None} for i in range(n)]
         replies = self.call_all(msgs)
         errors: dict[str, int] = {}
         for r in replies:
@@ -174,7 +176,8 @@ class Cluster:
         self.redis.stop()
 
 
-async def seed_rooms(redis_url: str, shards: int, rooms: dict[str, list[str]]) -> None:
+async def seed_rooms(redis_url: str, shards: int, rooms: dict[str, list[str]],
+                     kind: str = "open") -> None:
     """Create rooms and memberships directly in Redis, as ``create_room``/``join`` would."""
     import redis.asyncio as aioredis
 
@@ -185,7 +188,7 @@ async def seed_rooms(redis_url: str, shards: int, rooms: dict[str, list[str]]) -
     keys = Keys(shards)
     streams = RoomStreams(r, keys, maxlen=10000, cmid_ttl_s=86400)
     for room, members in rooms.items():
-        await streams.ensure_room(room, "open", room, "", int(time.time() * 1000))
+        await streams.ensure_room(room, kind, room, "", int(time.time() * 1000))
         pipe = r.pipeline(transaction=False)
         pipe.sadd(keys.room_members(room), *members)
         for user in members:
@@ -205,19 +208,29 @@ class Fanout:
         self.workers = workers
         self.rooms: dict[str, list[str]] = {}  # target -> room ids
         self.connect_errors: dict[str, dict[str, int]] = {}
+        self.peer_seq: dict[str, dict[str, int]] = {}  # peers: the publisher counts seq itself
 
     def setup(self) -> None:
         a = self.args
         for t_index, target in enumerate(self.cluster.servers):
             tag = f"{target[:1]}{t_index}"
-            rooms = {f"r-bench{tag}{j:04d}": [f"b{tag}u{j}x{k}" for k in range(a.room_size)]
-                     for j in range(a.rooms)}
-            asyncio.run(seed_rooms(self.cluster.redis_url, self.cluster.shards, rooms))
+            if a.dm and a.room_size == 2:  # direct rooms: dm:<a>:<b>, a < b
+                rooms = {f"dm:b{tag}u{j}x0:b{tag}u{j}x1": [f"b{tag}u{j}x0", f"b{tag}u{j}x1"]
+                         for j in range(a.rooms)}
+            else:
+                rooms = {f"r-bench{tag}{j:04d}": [f"b{tag}u{j}x{k}" for k in range(a.room_size)]
+                         for j in range(a.rooms)}
+            dialect = TARGETS[target].dialect
+            if dialect == "ws-json":
+                asyncio.run(seed_rooms(self.cluster.redis_url, self.cluster.shards, rooms,
+                                       kind="direct" if a.dm and a.room_size == 2 else "open"))
             self.rooms[target] = list(rooms)
             users = [u for members in rooms.values() for u in members]
+            user_rooms = [[room] for room, members in rooms.items() for _ in members]
             t = time.monotonic()
             port = int(self.cluster.servers[target].info["ws_port"])
-            res = self.workers.connect(target, port, users, a.concurrency)
+            res = self.workers.connect(target, port, users, a.concurrency, dialect,
+                                       user_rooms if dialect == "sio" else None)
             log(f"{target}: {res['ok']} clients connected in {time.monotonic() - t:.1f}s"
                 + (f", {res['failed']} failed" if res["failed"] else "")
                 + (f", retried after: {res['errors']}" if res["errors"] else ""))
@@ -236,7 +249,9 @@ class Fanout:
         parent, child = CTX.Pipe()
         pub = CTX.Process(target=publisher_main, args=(child,), kwargs=dict(
             redis_host="127.0.0.1", redis_port=self.cluster.redis_port, shards=self.cluster.shards,
-            rooms=rooms, rate=rate, t0_us=t0, t_end_us=w1, text_bytes=a.text_bytes), daemon=True)
+            rooms=rooms, rate=rate, t0_us=t0, t_end_us=w1, text_bytes=a.text_bytes,
+            dialect="ours" if TARGETS[target].dialect == "ws-json" else target,
+            seq_start=self.peer_seq.get(target)), daemon=True)
         pub.start()
         procs = {"node": [server.pid], "redis": [self.cluster.redis.pid],
                  "publisher": [pub.pid], "clients": self.workers.pids}
@@ -251,6 +266,7 @@ class Fanout:
         pub.join(5)
         if "error" in pub_result:
             raise RuntimeError(f"publisher failed: {pub_result['error']}")
+        self.peer_seq[target] = {**self.peer_seq.get(target, {}), **pub_result["last_seq"]}
         # Drain: wait until every client saw the last message of its room.
         caught_up, t_drain = self._drain(target, pub_result["last_seq"], a.drain_timeout)
         reports = self.workers.call_all({"op": "report"})
@@ -427,7 +443,126 @@ class Idle:
         return {"scenario": "idle", "results": results}
 
 
-SCENARIOS = {"fanout": Fanout, "idle": Idle}
+# -- scaling: Redis work per message as nodes are added --------------------------------------------
+
+def redis_info(port: int, section: str) -> dict[str, str]:
+    import socket
+
+    from loadtest.publisher import RespReader, _cmd
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_cmd("INFO", section))
+        text = RespReader(sock).read().decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def commandstats(port: int) -> dict[str, int]:
+    """Calls per command, plus ``usec:<command>``: Redis's own time spent in it."""
+    out = {}
+    for k, v in redis_info(port, "commandstats").items():
+        fields = dict(f.split("=", 1) for f in v.split(","))
+        out[k.removeprefix("cmdstat_")] = int(fields["calls"])
+        out["usec:" + k.removeprefix("cmdstat_")] = int(fields["usec"])
+    return out
+
+
+class Scaling:
+    """The same rooms and clients spread over 1, 2, 4 nodes: Redis commands and Redis CPU per
+    published message, from ``INFO commandstats`` deltas and the Redis process's CPU time."""
+
+    name = "scaling"
+
+    def __init__(self, args: argparse.Namespace, cluster: Cluster, workers: Workers) -> None:
+        self.args = args
+        self.cluster = cluster
+        self.workers = workers
+
+    def setup(self) -> None:
+        pass
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        results = []
+        for n in [int(x) for x in a.nodes.split(",")]:
+            nodes = [TARGETS["ours"].start(self.cluster.redis_url, self.cluster.shards,
+                                           os.path.join(self.cluster.logdir, f"scale{n}-{i}.log"))
+                     for i in range(n)]
+            try:
+                tag = f"s{n}"
+                rooms = {f"r-scale{tag}{j:04d}": [f"sc{tag}u{j}x{k}" for k in range(a.room_size)]
+                         for j in range(a.rooms)}
+                asyncio.run(seed_rooms(self.cluster.redis_url, self.cluster.shards, rooms))
+                users = [u for m in rooms.values() for u in m]
+                for i, node in enumerate(nodes):  # client k of every room on node k % n
+                    res = self.workers.connect(f"scale{n}-{i}", int(node.info["ws_port"]),
+                                               users[i::n], a.concurrency)
+                    if res["failed"]:
+                        raise RuntimeError(f"scale {n}: {res['failed']} clients failed")
+                time.sleep(1.0)
+                # Idle window of the same length first: presence heartbeats and the readers'
+                # blocking reads go on without messages; subtracted from the publishing window.
+                idle0 = commandstats(self.cluster.redis_port)
+                isampler = stats.CpuSampler({"redis": [self.cluster.redis.pid],
+                                             "nodes": [p.pid for p in nodes]})
+                isampler.start()
+                time.sleep(a.duration + 1.0)
+                icpu = isampler.stop()
+                idle1 = commandstats(self.cluster.redis_port)
+                idle = {k: idle1.get(k, 0) - idle0.get(k, 0) for k in idle1}
+                stats0 = commandstats(self.cluster.redis_port)
+                t0 = now_us() + 500_000
+                parent, child = CTX.Pipe()
+                pub = CTX.Process(target=publisher_main, args=(child,), kwargs=dict(
+                    redis_host="127.0.0.1", redis_port=self.cluster.redis_port,
+                    shards=self.cluster.shards, rooms=list(rooms), rate=a.rate, t0_us=t0,
+                    t_end_us=t0 + int(a.duration * 1e6), text_bytes=a.text_bytes), daemon=True)
+                sampler = stats.CpuSampler({"redis": [self.cluster.redis.pid],
+                                            "nodes": [p.pid for p in nodes]})
+                sampler.start()
+                pub.start()
+                if not parent.poll(a.duration + 30):
+                    raise RuntimeError("publisher did not finish")
+                pub_result = parent.recv()
+                pub.join(5)
+                time.sleep(1.0)  # let the nodes' readers go idle again
+                cpu = sampler.stop()
+                stats1 = commandstats(self.cluster.redis_port)
+                sent = pub_result["sent"]
+                delta = {k: stats1.get(k, 0) - stats0.get(k, 0) - idle.get(k, 0) for k in stats1}
+                usec = {k[5:]: v for k, v in delta.items() if k.startswith("usec:")}
+                delta = {k: v for k, v in sorted(delta.items(), key=lambda kv: -kv[1])
+                         if v > 0 and not k.startswith("usec:")}
+                # The publisher's own EVALSHA and the commands inside the script are the write
+                # path (the same at any node count); the rest is the nodes' reading.
+                write_cmds = {k: v for k, v in delta.items() if k in ("evalsha", "xadd", "hincrby",
+                                                                       "hexists", "hset", "get", "set")}
+                r = {"nodes": n, "published": sent, "rate": a.rate,
+                     "commands": delta, "commands_per_msg": sum(delta.values()) / sent,
+                     "read_commands_per_msg": (sum(delta.values()) - sum(write_cmds.values())) / sent,
+                     "idle_commands": {k: v for k, v in idle.items() if v > 0},
+                     "command_usec": usec,
+                     "command_usec_per_msg": sum(max(0, v) for v in usec.values()) / sent,
+                     "read_command_usec_per_msg": sum(max(0, v) for k, v in usec.items()
+                                                      if k in ("xread", "xrange", "xrevrange")) / sent,
+                     "redis_cpu_idle_s": icpu["redis"],
+                     "redis_cpu_s": cpu["redis"],
+                     "redis_cpu_us_per_msg": (cpu["redis"] - icpu["redis"]) / sent * 1e6,
+                     "nodes_cpu_s": cpu["nodes"], "machine_busy_s": cpu["machine_busy"]}
+                results.append(r)
+                log(f"{n} node(s): {r['commands_per_msg']:.2f} Redis commands/msg "
+                    f"({r['read_commands_per_msg']:.2f} reading), command time "
+                    f"{r['command_usec_per_msg']:.1f} µs/msg, Redis CPU "
+                    f"{r['redis_cpu_us_per_msg']:.1f} µs/msg; top: "
+                    + ", ".join(f"{k} {v / sent:.2f}" for k, v in list(delta.items())[:6]))
+                for i in range(n):
+                    self.workers.call_all({"op": "disconnect", "target": f"scale{n}-{i}"})
+            finally:
+                for node in nodes:
+                    node.stop()
+        return {"scenario": "scaling", "results": results}
+
+
+SCENARIOS = {"fanout": Fanout, "idle": Idle, "scaling": Scaling}
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -461,6 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="concurrent handshakes per client process")
         p.add_argument("--shards", type=int, default=16)
         p.add_argument("--json", help="write the results here as JSON")
+        p.add_argument("--plot", help="fan-out: write a PNG of latency against offered load here")
         p.add_argument("--logdir", help="server logs (default: a temp dir)")
         p.add_argument("--patched-src", help="directory with a patched `node` package, for the "
                        "'patched' target")
@@ -481,11 +617,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--warmup", type=float, default=1.5, help="seconds before each window")
     f.add_argument("--repeat", type=int, default=3, help="peak/half-peak runs per target (median)")
     f.add_argument("--text-bytes", type=int, default=100)
+    f.add_argument("--dm", action="store_true",
+                   help="with --room-size 2: direct rooms (dm:a:b) instead of open rooms")
     f.add_argument("--p99-limit-ms", type=float, default=100.0,
                    help="a sweep step with a higher p99 counts as not keeping up")
     f.add_argument("--drain-timeout", type=float, default=5.0)
     f.add_argument("--sweep-retries", type=int, default=1,
                    help="retries of a sweep step that fell behind before giving up on a target")
+
+    sc = sub.add_parser("scaling", help="Redis commands and CPU per message at 1, 2, 4 nodes")
+    common(sc)
+    sc.add_argument("--nodes", default="1,2,4")
+    sc.add_argument("--room-size", type=int, default=100)
+    sc.add_argument("--rooms", type=int, default=10)
+    sc.add_argument("--rate", type=float, default=300.0, help="messages/s")
+    sc.add_argument("--duration", type=float, default=8.0)
+    sc.add_argument("--text-bytes", type=int, default=100)
+    sc.set_defaults(target="")
 
     i = sub.add_parser("idle", help="node memory per idle connection")
     common(i)
@@ -501,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile()
-    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    targets = [t.strip() for t in (args.target or "").split(",") if t.strip()]
     for t in targets:
         if t not in TARGETS:
             raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
@@ -527,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
            "wall_s": round(time.time() - started, 1), **result}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
+    if args.plot and doc["scenario"] == "fanout":
+        stats.plot_fanout(doc, args.plot)
+        log(f"plot: {args.plot}")
     print(stats.markdown(doc))
     return 0
 

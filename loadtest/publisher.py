@@ -87,13 +87,91 @@ def make_text(sched_us: int, text_bytes: int) -> str:
     return head + "x" * max(0, text_bytes - len(head))
 
 
+class PeerEncoder:
+    """Commands that publish one message the way a peer's own server-side emit does.
+
+    ``pysio``: python-socketio's ``AsyncRedisManager.emit(..., room=R)`` = ``PUBLISH socketio
+    <json emit dict>`` (the dict as in ``AsyncPubSubManager.emit``). ``nodesio``: another
+    Socket.IO server's ``io.to(R).emit(...)`` through ``@socket.io/redis-streams-adapter`` =
+    ``XADD socket.io MAXLEN ~ 10000 * uid nsp type data`` with a ``BROADCAST`` (type 3) entry.
+    The payload is the same message object the node sends (room, id, seq, ts, from, text), with
+    a per-room ``seq`` counted here, so the clients check order and loss the same way.
+    """
+
+    def __init__(self, dialect: str, seq_start: dict[str, int] | None = None) -> None:
+        self.dialect = dialect
+        self.seq: dict[str, int] = dict(seq_start or {})  # continues from the previous phase
+        self.n = 0
+
+    def command(self, room: str, text: str) -> bytes:
+        import orjson
+
+        seq = self.seq.get(room, 0) + 1
+        self.seq[room] = seq
+        self.n += 1
+        ts = time.time_ns() // 1_000_000
+        msg = {"room": room, "id": f"{ts}-{self.n}", "seq": seq, "ts": ts,
+               "from": {"id": "pub", "name": "Publisher"}, "text": text}
+        if self.dialect == "pysio":
+            payload = orjson.dumps({"method": "emit", "event": "message", "data": [msg],
+                                    "binary": False, "namespace": "/", "room": room,
+                                    "skip_sid": None, "callback": None, "host_id": "bench-publisher"})
+            return _cmd("PUBLISH", "socketio", payload)
+        if self.dialect == "nodesio":
+            data = orjson.dumps({"packet": {"type": 2, "data": ["message", msg], "nsp": "/"},
+                                 "opts": {"rooms": [room], "except": [], "flags": {}}})
+            return _cmd("XADD", "socket.io", "MAXLEN", "~", 10000, "*", "uid", "bench-publisher",
+                        "nsp", "/", "type", "3", "data", data)
+        raise ValueError(f"unknown dialect {self.dialect}")
+
+
+def publish_peer(sock: socket.socket, reader: RespReader, dialect: str, rooms: list[str],
+                 rate: float, t0_us: int, t_end_us: int, text_bytes: int,
+                 seq_start: dict[str, int] | None) -> dict[str, Any]:
+    """The same open-loop schedule as :func:`publish`, in a peer's wire format."""
+    enc = PeerEncoder(dialect, seq_start)
+    interval_us = 1e6 / rate
+    n_rooms = len(rooms)
+    i = sent = batches = 0
+    max_lag_us = 0
+    while True:
+        now = time.time_ns() // 1000
+        due = []
+        while True:
+            sched = t0_us + int(i * interval_us)
+            if sched > now or sched >= t_end_us:
+                break
+            max_lag_us = max(max_lag_us, now - sched)
+            due.append(enc.command(rooms[i % n_rooms], make_text(sched, text_bytes)))
+            i += 1
+        if due:
+            sock.sendall(b"".join(due))
+            for _ in due:
+                reader.read()
+            sent += len(due)
+            batches += 1
+        next_sched = t0_us + int(i * interval_us)
+        if next_sched >= t_end_us:
+            break
+        delay = (next_sched - time.time_ns() // 1000) / 1e6
+        if delay > 0:
+            time.sleep(delay)
+    sock.close()
+    return {"sent": sent, "batches": batches, "max_lag_ms": max_lag_us / 1000,
+            "last_seq": dict(enc.seq)}
+
+
 def publish(redis_host: str, redis_port: int, shards: int, rooms: list[str], rate: float,
-            t0_us: int, t_end_us: int, text_bytes: int = 100, maxlen: int = 10000) -> dict[str, Any]:
+            t0_us: int, t_end_us: int, text_bytes: int = 100, maxlen: int = 10000,
+            dialect: str = "ours", seq_start: dict[str, int] | None = None) -> dict[str, Any]:
     """Publish at ``rate`` msgs/s from ``t0_us`` until ``t_end_us`` (wall clock, µs)."""
     keys = Keys(shards)
     sock = socket.create_connection((redis_host, redis_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reader = RespReader(sock)
+    if dialect != "ours":
+        return publish_peer(sock, reader, dialect, rooms, rate, t0_us, t_end_us, text_bytes,
+                            seq_start)
     sha = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
     sock.sendall(_cmd("SCRIPT", "LOAD", APPEND_LUA))
     assert reader.read().decode() == sha
@@ -104,9 +182,9 @@ def publish(redis_host: str, redis_port: int, shards: int, rooms: list[str], rat
         parts = [b"EVALSHA", sha, 3, keys.room_stream(room), keys.room_meta(room),
                  keys.room_cmid(room, user, "-"), maxlen, user, "Publisher"]
         encoded = [a if isinstance(a, bytes) else str(a).encode() for a in parts]
-        # 11 arguments in all: 9 fixed + text, cmid, kind, cmid_ttl -> 13
-        prefix[room] = b"*13\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
-    tail = _cmd("", "", 86400)[4:]  # cmid '', kind '', ttl: the RESP bulk strings only
+        # 14 in all: 9 fixed + text, cmid, kind, cmid_ttl, max_age (0: no age trim)
+        prefix[room] = b"*14\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
+    tail = _cmd("", "", 86400, 0)[4:]  # cmid '', kind '', ttl, max_age: the bulk strings only
     interval_us = 1e6 / rate
     n_rooms = len(rooms)
     i = 0

@@ -172,6 +172,15 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append("")
             lines.append("Peak sustained rate (msgs/s): " + ", ".join(
                 f"{t} {v:,.0f} ({v * doc['args']['room_size']:,.0f} deliveries/s)" for t, v in peak.items()))
+    elif doc["scenario"] == "scaling":
+        lines += ["| nodes | msgs published | Redis commands/msg | of which reading "
+                  "| Redis command time µs/msg | of which reading | Redis process CPU µs/msg "
+                  "| top commands per msg |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in doc["results"]:
+            top = ", ".join(f"{k} {v / r['published']:.2f}" for k, v in list(r["commands"].items())[:5])
+            lines.append(f"| {r['nodes']} | {r['published']:,} | {r['commands_per_msg']:.2f} "
+                         f"| {r['read_commands_per_msg']:.2f} | {r['command_usec_per_msg']:.1f} "
+                         f"| {r['read_command_usec_per_msg']:.1f} | {r['redis_cpu_us_per_msg']:.1f} | {top} |")
     elif doc["scenario"] == "idle":
         lines += ["| target | connections | node RSS before MiB | after MiB | KiB per connection "
                   "| connects/s | idle node CPU |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -180,3 +189,40 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"| {r['rss_after_mib']:.1f} | {r['kib_per_connection']:.1f} "
                          f"| {r['connects_per_s']:,.0f} | {r['idle_cpu_util']:.1%} |")
     return "\n".join(lines)
+
+
+def plot_fanout(doc: dict[str, Any], path: str) -> None:
+    """p50 and p99 latency against offered deliveries/s, one line per target (sweep steps and
+    the peak/half-peak repeats), on log axes; failed steps are drawn hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc.get("sweep", []) + doc.get("measured", []) if r.get("p99_ms")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = sorted((r for r in rows if r["target"] == target),
+                      key=lambda r: r["offered_deliveries_per_s"])
+        for ax, key in zip(axes, ("p50_ms", "p99_ms"), strict=True):
+            x = [r["offered_deliveries_per_s"] for r in mine]
+            y = [r[key] for r in mine]
+            (line,) = ax.plot(x, y, "-", alpha=0.5)
+            ok = [(a, b) for a, b, r in zip(x, y, mine, strict=True) if r["kept_up"]]
+            bad = [(a, b) for a, b, r in zip(x, y, mine, strict=True) if not r["kept_up"]]
+            if ok:
+                ax.plot(*zip(*ok, strict=True), "o", color=line.get_color(), label=target)
+            if bad:
+                ax.plot(*zip(*bad, strict=True), "o", mfc="none", color=line.get_color())
+    a = doc["args"]
+    for ax, key in zip(axes, ("p50", "p99"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered deliveries/s")
+        ax.set_ylabel(f"{key} latency (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"fan-out, {a['rooms']} rooms of {a['room_size']}, one server process each "
+                 "(hollow: did not keep up)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -95,6 +95,21 @@ def _start_naive(redis_url: str, shards: int, log_path: str | None) -> Proc:
     return start_ready_process("naive", argv, {}, log_path)
 
 
+PEERS = REPO / "loadtest" / "peers"
+
+
+def _start_pysio(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    argv = [sys.executable, str(PEERS / "socketio_py.py"), "--redis", redis_url, "--port", "0"]
+    return start_ready_process("pysio", argv, {}, log_path)
+
+
+def _start_nodesio(redis_url: str, shards: int, log_path: str | None) -> Proc:
+    if not (PEERS / "node_modules" / "@socket.io" / "redis-streams-adapter").is_dir():
+        raise SystemExit("target 'nodesio' needs `bash loadtest/peers/install.sh` first")
+    argv = ["node", str(PEERS / "socketio_node.js"), "--redis", redis_url, "--port", "0"]
+    return start_ready_process("nodesio", argv, {}, log_path)
+
+
 TARGETS: dict[str, Target] = {
     "ours": Target("ours", "chatcluster node (python -m node node), dev auth, uvloop",
                    "ws-json", _start_ours),
@@ -102,4 +117,8 @@ TARGETS: dict[str, Target] = {
                       "ws-json", _start_patched),
     "naive": Target("naive", "loadtest/naive_server.py: websockets.broadcast() per message",
                     "ws-json", _start_naive),
+    "pysio": Target("pysio", "python-socketio 5 (aiohttp, uvloop) with AsyncRedisManager",
+                    "sio", _start_pysio),
+    "nodesio": Target("nodesio", "Node.js Socket.IO 4 with @socket.io/redis-streams-adapter",
+                      "sio", _start_nodesio),
 }

@@ -128,18 +128,20 @@ class Client(asyncio.Protocol):
                 self.transport.close()
                 return
             self.state = 1
-            self.transport.write(mask_frame(1, orjson.dumps({"type": "hello", "user": self.user})))
+            self.hello()
             data = data[end + 4:]
             if not data:
                 return
         self._frames(data)
+
+    def hello(self) -> None:
+        self.transport.write(mask_frame(1, orjson.dumps({"type": "hello", "user": self.user})))
 
     # -- frames -------------------------------------------------------------------------------
     def _frames(self, data: bytes) -> None:
         stats = self.stats
         now = time.time_ns() // 1000
         in_window = stats.win_start <= now < stats.win_end
-        loads = orjson.loads
         seqs = self.seqs
         pos = 0
         n = len(data)
@@ -166,14 +168,8 @@ class Client(asyncio.Protocol):
             if op != 1:
                 self._control(op, data[start:end])
                 continue
-            event = loads(data[start:end])
-            if event.get("type") != "message":
-                if event.get("type") == "welcome":
-                    self.welcomed = True
-                    if not self.connected.done():
-                        self.connected.set_result(self)
-                else:
-                    stats.other_frames += 1
+            event = self._event(data[start:end])
+            if event is None:
                 continue
             room = event["room"]
             seq = event["seq"]
@@ -195,6 +191,19 @@ class Client(asyncio.Protocol):
         if pos < n:
             self.buf = data[pos:]
 
+    def _event(self, payload: bytes) -> Any:
+        """The ``message`` event of a text frame, or None after handling any other frame."""
+        event = orjson.loads(payload)
+        if event.get("type") == "message":
+            return event
+        if event.get("type") == "welcome":
+            self.welcomed = True
+            if not self.connected.done():
+                self.connected.set_result(self)
+        else:
+            self.stats.other_frames += 1
+        return None
+
     def _control(self, op: int, payload: bytes) -> None:
         if op == 9:  # ping -> pong
             self.transport.write(mask_frame(10, payload))
@@ -210,27 +219,91 @@ class Client(asyncio.Protocol):
             self.transport.close()
 
 
+class SioClient(Client):
+    """The same client speaking Engine.IO v4 / Socket.IO v5 over WebSocket (the peers' protocol):
+    ``GET /socket.io/?EIO=4&transport=websocket``, Engine.IO ``0{..}`` open -> Socket.IO ``40``
+    connect -> ``42["join", room]`` per room, each acked by ``42["joined", room]`` (then the
+    client counts as welcomed); pings ``2`` are answered ``3``; messages are
+    ``42["message", {room, seq, text, ...}]``."""
+
+    __slots__ = ("rooms", "pending_joins")
+
+    def __init__(self, stats: Stats, user: str, connected: asyncio.Future[Client],
+                 rooms: list[str]) -> None:
+        super().__init__(stats, user, connected)
+        self.rooms = rooms
+        self.pending_joins = len(rooms)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        host, port = transport.get_extra_info("peername")[:2]
+        transport.write(
+            (f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {host}:{port}\r\n"
+             f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {self.key}\r\n"
+             f"Sec-WebSocket-Version: 13\r\nUser-Agent: chatcluster-bench\r\n\r\n").encode())
+
+    def hello(self) -> None:
+        pass  # Socket.IO: wait for the Engine.IO open packet
+
+    def _event(self, payload: bytes) -> Any:
+        kind = payload[:1]
+        if payload[:2] == b"42":
+            name, _, rest = payload[2:].partition(b",")
+            if name == b'["message"':
+                return orjson.loads(rest[:-1])
+            if name == b'["joined"':
+                self.pending_joins -= 1
+                if self.pending_joins == 0:
+                    self.welcomed = True
+                    if not self.connected.done():
+                        self.connected.set_result(self)
+                return None
+            self.stats.other_frames += 1
+        elif kind == b"2":  # Engine.IO ping
+            self.transport.write(mask_frame(1, b"3"))
+        elif kind == b"0":  # Engine.IO open: connect to the default namespace
+            self.transport.write(mask_frame(1, b"40"))
+        elif payload[:2] == b"40":  # namespace connected: join the rooms
+            if not self.rooms:
+                self.pending_joins = 1
+                self._event(b'42["joined",""]')
+            for room in self.rooms:
+                self.transport.write(mask_frame(1, b'42["join",' + orjson.dumps(room) + b"]"))
+        elif payload[:2] in (b"41", b"44") or kind == b"1":
+            self.stats.other_frames += 1
+            self.transport.close()
+        else:
+            self.stats.other_frames += 1
+        return None
+
+
 class Worker:
     def __init__(self) -> None:
         self.stats = Stats()
         self.clients: dict[str, list[Client]] = {}  # target -> clients
 
     async def connect(self, target: str, host: str, port: int, users: list[str],
-                      concurrency: int) -> dict[str, Any]:
+                      concurrency: int, dialect: str = "ws-json",
+                      rooms: list[list[str]] | None = None) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         clients = self.clients.setdefault(target, [])
         failed = 0
         errors: dict[str, int] = {}
 
-        async def one(user: str) -> None:
+        def factory(user: str, fut: asyncio.Future[Client], index: int) -> Client:
+            if dialect == "sio":
+                return SioClient(self.stats, user, fut, rooms[index] if rooms else [])
+            return Client(self.stats, user, fut)
+
+        async def one(index: int, user: str) -> None:
             nonlocal failed
             async with sem:
                 for attempt in range(3):
                     fut: asyncio.Future[Client] = loop.create_future()
                     try:
                         await loop.create_connection(
-                            lambda: Client(self.stats, user, fut), host, port)
+                            lambda: factory(user, fut, index), host, port)
                         client = await asyncio.wait_for(fut, 30)
                         clients.append(client)
                         return
@@ -240,7 +313,7 @@ class Worker:
                         await asyncio.sleep(0.2 * (attempt + 1))
                 failed += 1
 
-        await asyncio.gather(*(one(u) for u in users))
+        await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
         errors.update({f"close {k} during hello": v
                        for k, v in self.stats.handshake_close_codes.items()})
         self.stats.handshake_close_codes.clear()
@@ -299,7 +372,8 @@ async def _serve_pipe(conn: Any) -> None:
         op = msg["op"]
         if op == "connect":
             reply = await worker.connect(msg["target"], msg["host"], msg["port"], msg["users"],
-                                         msg.get("concurrency", 100))
+                                         msg.get("concurrency", 100), msg.get("dialect", "ws-json"),
+                                         msg.get("rooms"))
         elif op == "phase":
             worker.stats.reset(*msg["window"])
             reply = {"ok": True}
