@@ -73,6 +73,7 @@ class Tracker:
         self.user = client.user
         self.messages: list[dict[str, Any]] = []
         self.welcomes: list[dict[str, Any]] = []
+        self.welcome_at: list[int] = []  # len(messages) when each welcome arrived
         self._changed = asyncio.Condition()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -84,6 +85,7 @@ class Tracker:
                     self.messages.append(event)
                 elif event.get("type") == "welcome":
                     self.welcomes.append(event)
+                    self.welcome_at.append(len(self.messages))
                 self._changed.notify_all()
 
     async def until(self, predicate: Any, what: str, within: float = 15.0) -> None:
@@ -190,6 +192,7 @@ class ThrottledProxy:
         self.bytes_down = 0
         self.connections = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def ws_url(self) -> str:
@@ -203,11 +206,10 @@ class ThrottledProxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for writer in list(self._writers):  # the pipes end on the broken sockets
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
 
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -226,15 +228,17 @@ class ThrottledProxy:
             self._tasks.discard(task)
             return
         c_writer.transport.set_write_buffer_limits(high=self.chunk)
+        self._writers.update((c_writer, n_writer))
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._pipe(c_reader, n_writer, throttle=False))
                 tg.create_task(self._pipe(n_reader, c_writer, throttle=True))
-        except* (OSError, EOFError):
+        except* (OSError, EOFError, asyncio.IncompleteReadError):
             pass
         finally:
             for writer in (c_writer, n_writer):
                 writer.transport.abort()
+                self._writers.discard(writer)
             self._tasks.discard(task)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, throttle: bool) -> None:
