@@ -192,14 +192,15 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot_fanout(doc: dict[str, Any], path: str) -> None:
-    """p50 and p99 latency against offered deliveries/s, one line per target (sweep steps and
-    the peak/half-peak repeats), on log axes; failed steps are drawn hollow."""
+    """p50 and p99 latency against offered deliveries/s, one line per target, from the rate
+    sweep (targets interleaved step by step, seconds apart), on log axes; a step that did not
+    keep up (after its retry) is drawn hollow. The peak/half-peak repeats are in the tables."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in doc.get("sweep", []) + doc.get("measured", []) if r.get("p99_ms")]
+    rows = [r for r in doc.get("sweep", []) if r.get("p99_ms") and not r.get("retried")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for target in dict.fromkeys(r["target"] for r in rows):
         mine = sorted((r for r in rows if r["target"] == target),

@@ -303,7 +303,7 @@ class Worker:
                     fut: asyncio.Future[Client] = loop.create_future()
                     try:
                         await loop.create_connection(
-                            lambda: factory(user, fut, index), host, port)
+                            lambda fut=fut: factory(user, fut, index), host, port)
                         client = await asyncio.wait_for(fut, 30)
                         clients.append(client)
                         return
