@@ -16,3 +16,7 @@ def parallel_nodes(redis_server, tmp_path: Path) -> Iterator[ParallelNodes]:
     nodes = ParallelNodes(redis_server.url, tmp_path)
     yield nodes
     nodes.stop_all()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a heavy test (over ~20 s); deselect with -m 'not slow'")
