@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
@@ -44,6 +45,7 @@ log = logging.getLogger("chatcluster.node")
 
 ONLINE_CACHE_S = 5.0
 PRESENCE_COUNT_INTERVAL_S = 10.0
+PRESENCE_DEBOUNCE_S = 1.0
 
 
 class Node:
@@ -166,9 +168,16 @@ class Node:
             reads = await self.redis.hmget(self.keys.user_reads(user), rooms)
         members = await self.rooms.member_counts(rooms)
         online = await asyncio.gather(*(self.online_count(room, members[room]) for room in rooms))
+        # seq as of the position live delivery starts from, not as of the metadata read a moment
+        # earlier: clients count unread and check continuity from it.
+        seqs = await self.streams.seqs_at(positions) if positions else {}
         out = []
         for i, room in enumerate(rooms):
             meta = metas[room]
+            if room in seqs:
+                meta = dataclasses.replace(meta, seq=seqs[room])
+            elif positions and positions.get(room) == "0-0":
+                meta = dataclasses.replace(meta, seq=0)
             last_id = (positions or {}).get(room, meta.last_id)
             out.append(room_summary(meta, last_id, unread_count(meta.seq, reads[i]),
                                     members[room], online[i]))
@@ -284,15 +293,24 @@ class Node:
         if caller.transport == "ws":
             self._local_sessions[caller.session_id] = caller.user
         if first:
-            self.spawn(self._announce(caller.user, caller.identity.name, "online"), "presence-online")
+            self.spawn(self._announce_online(caller.user, caller.identity.name), "presence-online")
+
+    async def _announce_online(self, user: str, name: str) -> None:
+        """Debounced: a session that is gone within PRESENCE_DEBOUNCE_S (a reload, a client in a
+        reconnect loop) announces nothing, so churn never floods rooms with presence events."""
+        await asyncio.sleep(PRESENCE_DEBOUNCE_S)
+        online, _ = await self.presence.status(user)
+        if online:
+            await self._announce(user, name, "online")
 
     async def session_ended(self, caller: Caller) -> None:
         self._local_sessions.pop(caller.session_id, None)
         try:
-            gone = await self.presence.end(caller.user, caller.session_id)
+            online_ms = await self.presence.end(caller.user, caller.session_id)
         except ChatError:
             return  # Redis is down: the session expires by its TTL
-        if gone:
+        # A user online for less than the debounce never announced "online": stay quiet.
+        if online_ms is not None and (online_ms < 0 or online_ms >= PRESENCE_DEBOUNCE_S * 1000):
             self.spawn(self._announce(caller.user, caller.identity.name, "offline"), "presence-offline")
 
     async def poll_heartbeat(self, identity: Identity, session: str, next_poll_ms: int) -> None:

@@ -30,7 +30,10 @@ redis.call('PEXPIRE', KEYS[1], 86400000)
 local cur = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[5]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5]) end
 redis.call('HSET', KEYS[3], 'name', ARGV[4])
-if before == 0 then return 1 end
+if before == 0 then
+  redis.call('HSET', KEYS[3], 'online_since', ARGV[3])
+  return 1
+end
 return 0
 """
 
@@ -38,6 +41,7 @@ return 0
 SESSIONS_KEY_TTL_MS = 86_400_000
 
 # KEYS: sessions, online-index, user-meta.  ARGV: session, now_ms, user
+# Returns 0 if the user still has sessions, else the time (ms) they came online (-1 unknown).
 END_LUA = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
@@ -45,7 +49,8 @@ local left = redis.call('ZCARD', KEYS[1])
 if left == 0 then
   local removed = redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[3], 'last_seen', ARGV[2])
-  return removed
+  if removed == 0 then return 0 end
+  return tonumber(redis.call('HGET', KEYS[3], 'online_since') or '-1')
 end
 local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('ZADD', KEYS[2], newest[2], ARGV[3])
@@ -120,11 +125,15 @@ class Presence:
                 pipe.zadd(k.online_index(k.user_shard(user)), {user: expiry}, gt=True)
             await pipe.execute()
 
-    async def end(self, user: str, session: str) -> bool:
-        """Drop a session; True if it was the user's last one (they went offline)."""
+    async def end(self, user: str, session: str) -> int | None:
+        """Drop a session. If it was the user's last one (they went offline), how long they had
+        been online in ms (-1 if unknown); None if they are still online."""
+        now = self.now_ms()
         with unavailable_on_redis_errors("presence"):
-            gone = await self._end(keys=self._keys(user), args=[session, self.now_ms(), user])
-        return bool(int(gone))
+            since = int(await self._end(keys=self._keys(user), args=[session, now, user]))
+        if since == 0:
+            return None
+        return -1 if since < 0 else now - since
 
     async def sweep(self, shard: int, batch: int = 500) -> list[str]:
         """Users of ``shard`` whose sessions all expired (their node died): now offline."""

@@ -191,6 +191,21 @@ class RoomStreams:
         with unavailable_on_redis_errors("replay"):
             return await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
 
+    async def seqs_at(self, positions: dict[str, str]) -> dict[str, int]:
+        """The ``seq`` of the entry at each room's position (one pipelined XRANGE each), so that
+        a room's ``seq`` and ``last_id`` describe the same message. Rooms whose entry is gone
+        (trimmed) or at ``0-0`` are left out."""
+        rooms = [room for room, sid in positions.items() if sid != "0-0"]
+        if not rooms:
+            return {}
+        with unavailable_on_redis_errors("seq_at"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.xrange(self.keys.room_stream(room), positions[room], positions[room], count=1)
+            results = await pipe.execute()
+        return {room: int(entries[0][1].get(b"s", b"0"))
+                for room, entries in zip(rooms, results, strict=True) if entries}
+
     async def seq_at(self, room: str, sid: str, meta: RoomMeta) -> int:
         """The room's ``seq`` as of message ``sid``: exact even if ``sid`` was trimmed away."""
         if stream_id_tuple(sid) >= stream_id_tuple(meta.last_id):

@@ -114,3 +114,23 @@ async def test_a_replay_too_big_for_the_buffer_is_not_recovered_instead_of_cut_o
     await alice.send("general", "still connected")
     event = await back.next_event("message")
     assert event["text"] == "still connected"
+
+
+async def test_welcome_seq_matches_last_id_while_messages_flow(start_nodes, clients):
+    a, b = start_nodes(2)
+    sender = await clients(a.ws_url, user="sender")
+
+    async def send_many() -> None:
+        for i in range(150):
+            await sender.send("general", f"w{i}")
+
+    task = asyncio.create_task(send_many())
+    for _ in range(5):
+        joiner = await clients(b.ws_url, user="joiner")
+        room = joiner.welcome["rooms"][0]
+        if room["last_id"] != "0-0":
+            first_live = await joiner.next_event("message")
+            # The first live message is the one right after last_id: seq + 1.
+            assert first_live["seq"] == room["seq"] + 1, (room, first_live)
+        await joiner.close()
+    await task
