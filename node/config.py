@@ -175,6 +175,11 @@ FIELDS: tuple[Field, ...] = (
     Field("max_room_members", "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive),
     Field("personal_maxlen", "CHAT_PERSONAL_MAXLEN", int, 500,
           "Personal events (alerts, invitations) kept per user while offline", _positive),
+    Field("abuse_closes_max", "CHAT_ABUSE_CLOSES_MAX", int, 20,
+          "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its "
+          "handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables", _non_negative),
+    Field("abuse_window_s", "CHAT_ABUSE_WINDOW_S", float, 60.0, "Window counting abusive closes per address", _positive),
+    Field("abuse_penalty_s", "CHAT_ABUSE_PENALTY_S", float, 30.0, "How long an abusive address is refused", _positive),
     Field("log_format", "CHAT_LOG_FORMAT", str, "json", "json (one object per line) or text", _one_of("json", "text")),
     Field("log_level", "CHAT_LOG_LEVEL", str, "INFO", "Python log level",
           _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -239,6 +244,9 @@ class Settings:
     max_rooms_per_user: int
     max_room_members: int
     personal_maxlen: int
+    abuse_closes_max: int
+    abuse_window_s: float
+    abuse_penalty_s: float
     log_format: str
     log_level: str
     dev_force: bool

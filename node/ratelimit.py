@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable
+from typing import Any
 
 # The label values of chatcluster_rate_limited_total.
 LIMITS = (
@@ -22,6 +23,7 @@ LIMITS = (
     "json_depth",            # frame nested deeper than the parser allows
     "rooms_per_user",        # CHAT_MAX_ROOMS_PER_USER reached
     "room_members",          # CHAT_MAX_ROOM_MEMBERS reached
+    "abuse_penalty",         # handshake refused: the address was cut off for abuse repeatedly
 )
 
 
@@ -131,3 +133,55 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: tuple[str, .
         if candidate not in trusted:
             return candidate
     return peer
+
+
+class PenaltyBox:
+    """Addresses that keep getting cut off for abuse are refused for a while (pure).
+
+    ``record`` counts an abusive close (frame too large, protocol violations, rate limit) of an
+    address within a sliding ``window_s``; at ``max_strikes`` the address is blocked for
+    ``penalty_s``. A flooder that reconnects after every close then costs a refused handshake,
+    not a session (hello, Redis work, presence) each time. ``max_strikes == 0`` disables it.
+    At most ``max_keys`` addresses are remembered (the oldest are forgotten first).
+    """
+
+    __slots__ = ("max_strikes", "window_s", "penalty_s", "max_keys", "_strikes", "_blocked")
+
+    def __init__(self, max_strikes: int, window_s: float, penalty_s: float, max_keys: int = 100_000) -> None:
+        self.max_strikes = max_strikes
+        self.window_s = window_s
+        self.penalty_s = penalty_s
+        self.max_keys = max_keys
+        self._strikes: dict[str, tuple[float, int]] = {}  # ip -> (window start, count)
+        self._blocked: dict[str, float] = {}  # ip -> blocked until
+
+    def record(self, ip: str, now: float) -> bool:
+        """Count one abusive close; True if the address is now blocked."""
+        if not self.max_strikes or not ip:
+            return False
+        start, count = self._strikes.get(ip, (now, 0))
+        if now - start > self.window_s:
+            start, count = now, 0
+        count += 1
+        if count >= self.max_strikes:
+            self._strikes.pop(ip, None)
+            self._blocked[ip] = now + self.penalty_s
+            self._bound(self._blocked)
+            return True
+        self._strikes[ip] = (start, count)
+        self._bound(self._strikes)
+        return False
+
+    def blocked_for(self, ip: str, now: float) -> float:
+        """Seconds the address stays refused (0: not blocked)."""
+        until = self._blocked.get(ip)
+        if until is None:
+            return 0.0
+        if now >= until:
+            del self._blocked[ip]
+            return 0.0
+        return until - now
+
+    def _bound(self, table: dict[str, Any]) -> None:
+        while len(table) > self.max_keys:
+            table.pop(next(iter(table)))

@@ -37,7 +37,7 @@ from .errors import (
 from .fanout import Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
-from .ratelimit import LIMITS, Counts, KeyedBuckets, TokenBucket, client_ip
+from .ratelimit import LIMITS, Counts, KeyedBuckets, PenaltyBox, TokenBucket, client_ip
 from .redisio import unavailable_on_redis_errors
 from .session import Subscription
 
@@ -54,6 +54,10 @@ TOO_DEEP = "frame nested too deeply"  # node.protocol's message for MAX_DEPTH
 
 for _limit in LIMITS:  # every series exists from the first scrape
     METRICS.rate_limited.labels(limit=_limit)
+
+
+# Closes the server makes for abuse: they count towards the address's penalty box.
+ABUSIVE_CLOSES = frozenset({CloseCodes.TOO_LARGE, CloseCodes.PROTOCOL, CloseCodes.RATE_LIMITED})
 
 
 class Connection:
@@ -116,6 +120,7 @@ class WsServer:
         self._handshaking: dict[ServerConnection, str] = {}
         # create_room per user, per node; shared with the HTTP API's /api/v1/command.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
+        self.penalty = PenaltyBox(s.abuse_closes_max, s.abuse_window_s, s.abuse_penalty_s)
 
     # -- handshake --------------------------------------------------------------------------
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
@@ -136,6 +141,12 @@ class WsServer:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "node full\n")
         peer = ws.remote_address[0] if ws.remote_address else None
         ip = client_ip(peer, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
+        penalty = self.penalty.blocked_for(ip, time.monotonic())
+        if penalty:
+            METRICS.rate_limited.labels(limit="abuse_penalty").inc()
+            response = ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many abusive connections from this address\n")
+            response.headers["Retry-After"] = str(max(1, round(penalty)))
+            return response
         self._forget_failed_handshakes()
         if settings.max_connections_per_ip and self.ip_counts.get(ip) >= settings.max_connections_per_ip:
             METRICS.rate_limited.labels(limit="connections_per_ip").inc()
@@ -211,6 +222,10 @@ class WsServer:
             METRICS.connections_closed.labels(code=_code_label(code)).inc()
             if sent is not None and sent.code == CloseCodes.TOO_LARGE:
                 METRICS.rate_limited.labels(limit="frame_bytes").inc()
+            if sent is not None and sent.code in ABUSIVE_CLOSES and conn.ip:
+                if self.penalty.record(conn.ip, time.monotonic()):
+                    log.warning("address refused for repeated abuse",
+                                extra={"penalty_s": node.settings.abuse_penalty_s})
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
         conn.sub.sink.push_now(protocol.ws_text_frame(frame))
