@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import random
 import signal
@@ -46,6 +47,19 @@ log = logging.getLogger("chatcluster.node")
 ONLINE_CACHE_S = 5.0
 PRESENCE_COUNT_INTERVAL_S = 10.0
 PRESENCE_DEBOUNCE_S = 1.0
+
+
+def tune_gc() -> None:
+    """Fewer and shorter cyclic-GC pauses on a node holding many long-lived objects.
+
+    Everything alive after start-up is frozen (never scanned again), and the young generation
+    is collected every 50,000 allocations instead of 700: a node's hot path allocates many
+    short-lived frames and dicts that reference counting frees anyway, and each gen-0/1 pass
+    that promotes connection objects makes the next full collection longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 class Node:
@@ -580,6 +594,8 @@ class Node:
             self.http_port = runner.addresses[0][1]
             log.info("listening", extra={"ws_port": self.ws_port, "http_port": self.http_port,
                                          "auth": settings.auth})
+            if settings.gc_freeze:
+                tune_gc()
             if announce:
                 print(f"CHATCLUSTER READY node={settings.node_id} ws={self.ws_port} "
                       f"http={self.http_port}", flush=True)

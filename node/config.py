@@ -180,6 +180,9 @@ FIELDS: tuple[Field, ...] = (
           "handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables", _non_negative),
     Field("abuse_window_s", "CHAT_ABUSE_WINDOW_S", float, 60.0, "Window counting abusive closes per address", _positive),
     Field("abuse_penalty_s", "CHAT_ABUSE_PENALTY_S", float, 30.0, "How long an abusive address is refused", _positive),
+    Field("gc_freeze", "CHAT_GC_FREEZE", _bool, True,
+          "Move start-up objects out of the cyclic GC and collect young objects less often "
+          "(fewer stop-the-world pauses with many connections)"),
     Field("log_format", "CHAT_LOG_FORMAT", str, "json", "json (one object per line) or text", _one_of("json", "text")),
     Field("log_level", "CHAT_LOG_LEVEL", str, "INFO", "Python log level",
           _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -247,6 +250,7 @@ class Settings:
     abuse_closes_max: int
     abuse_window_s: float
     abuse_penalty_s: float
+    gc_freeze: bool
     log_format: str
     log_level: str
     dev_force: bool
