@@ -68,7 +68,8 @@ class Node:
         self.keys = Keys(settings.shards)
         self.redis: Any = redisio.connect(settings.redis_url)
         self.streams = RoomStreams(self.redis, self.keys, maxlen=settings.history_maxlen,
-                                   cmid_ttl_s=settings.cmid_ttl_s)
+                                   cmid_ttl_s=settings.cmid_ttl_s,
+                                   max_age_s=settings.history_max_age_s)
         self.rooms = Rooms(self.redis, self.keys, self.streams)
         self.presence = Presence(self.redis, self.keys, settings.presence_ttl)
         self.personal = PersonalStreams(self.redis, self.keys, settings.personal_maxlen)
@@ -584,6 +585,7 @@ class Node:
                 ping_timeout=settings.ping_interval_s,
                 close_timeout=5,
                 open_timeout=10,
+                backlog=4096,  # a reconnect storm must queue in the kernel, not be refused
                 server_header=None,
             )
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)

@@ -77,6 +77,10 @@ class Metrics:
             "chatcluster_commands_total", "Client commands handled, by type and result", ["type", "result"], registry=r)
         self.rate_limited = Counter(
             "chatcluster_rate_limited_total", "Commands refused by a rate limit, by limit", ["limit"], registry=r)
+        self.abuse_closes = Counter(
+            "chatcluster_abuse_closes_total",
+            "Connections the node closed for abuse (1009, 4502, 4003); they count towards the penalty box",
+            registry=r)
         self.protocol_errors = Counter(
             "chatcluster_protocol_errors_total", "Malformed client frames, by kind", ["kind"], registry=r)
         self.polls = Counter(

@@ -108,6 +108,7 @@ def validate(frame: Any) -> dict[str, Any]:
         if name not in frame or frame[name] is None:
             if required:
                 raise BadRequest(f"missing field: {name}")
+            frame.pop(name, None)  # an optional null means "absent": handlers use their default
             continue
         value = frame[name]
         expected = _KIND_TYPES[field_kind]

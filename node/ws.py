@@ -200,6 +200,9 @@ class WsServer:
             log.exception("connection handler failed", extra={"conn": conn.id})
             conn.close_soon(CloseCodes.INTERNAL, "internal error")
         finally:
+            # Before any await: the address must be in the penalty box by the time the client,
+            # having seen our close frame, can reconnect.
+            recorded = self._record_abuse(conn)
             conn.cancel_token_timers()
             if conn.ip:
                 self.ip_counts.remove(conn.ip)
@@ -222,10 +225,19 @@ class WsServer:
             METRICS.connections_closed.labels(code=_code_label(code)).inc()
             if sent is not None and sent.code == CloseCodes.TOO_LARGE:
                 METRICS.rate_limited.labels(limit="frame_bytes").inc()
-            if sent is not None and sent.code in ABUSIVE_CLOSES and conn.ip:
-                if self.penalty.record(conn.ip, time.monotonic()):
-                    log.warning("address refused for repeated abuse",
-                                extra={"penalty_s": node.settings.abuse_penalty_s})
+            if not recorded:  # a close_soon() whose frame went out after the handler returned
+                self._record_abuse(conn)
+
+    def _record_abuse(self, conn: Connection) -> bool:
+        """Count an abusive close towards the address's penalty box; True if there was one."""
+        sent = conn.ws.protocol.close_sent
+        if sent is None or sent.code not in ABUSIVE_CLOSES or not conn.ip:
+            return False
+        METRICS.abuse_closes.inc()
+        if self.penalty.record(conn.ip, time.monotonic()):
+            log.warning("address refused for repeated abuse",
+                        extra={"penalty_s": self.node.settings.abuse_penalty_s})
+        return True
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
         conn.sub.sink.push_now(protocol.ws_text_frame(frame))

@@ -98,6 +98,19 @@ async def test_retention_by_age_trims_old_entries_and_keeps_recent_ones(redis_cl
     assert (again.id, again.duplicate) == (appended.id, True)
 
 
+async def test_node_applies_history_max_age_on_send(start_nodes, clients, redis_client):
+    """CHAT_HISTORY_MAX_AGE reaches the append script of a running node."""
+    (node,) = start_nodes(1, CHAT_HISTORY_MAX_AGE="1h")
+    alice = await clients(node.ws_url, user="alice")  # general exists once a user is welcomed
+    now_ms = int(time.time() * 1000)
+    await add_old(redis_client, "general", 500, now_ms - 2 * HOUR_MS)
+    before = len(await entries(redis_client, "general"))
+    ack = await alice.send("general", "trims the old ones")
+    left = [sid for sid, _ in await entries(redis_client, "general")]
+    assert before >= 500 and len(left) < 150, (before, len(left))
+    assert left[-1] == ack["id"]
+
+
 # -- archive -----------------------------------------------------------------------------------
 
 ROOMS = ("general", "r-archive1", "dm:alice:bob")

@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
                     reason="ruff not installed (dev extra)")
 def test_ruff():
-    result = run("ruff", "check", "node", "tests")
+    result = run("ruff", "check", "node", "tests", "loadtest", "examples")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -58,3 +58,12 @@ def test_room_ids():
     for bad in ["", "General", "dm:alice", "r-", "../etc", "room with space"]:
         with pytest.raises(BadRequest):
             protocol.check_room_id(bad)
+
+
+@pytest.mark.parametrize("kind, extra", [("history", {"room": "general"}), ("who", {"room": "general"})])
+def test_optional_null_means_absent(kind, extra):
+    """``"limit": null`` is the default limit, not a type error deep in a handler."""
+    frame = protocol.parse_frame(protocol.orjson.dumps({"type": kind, **extra, "limit": None}))
+    assert "limit" not in frame
+    with pytest.raises(BadRequest, match="missing field: room"):
+        protocol.parse_frame(b'{"type": "who", "room": null}')
