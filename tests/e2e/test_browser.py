@@ -7,6 +7,7 @@ Playwright waits on conditions (the DOM, network events), never fixed sleeps.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -16,7 +17,6 @@ from typing import Any
 
 from .conftest import Frames, open_chat, send, wait_connected, wait_texts
 
-ROOT = Path(__file__).resolve().parents[2]
 NO_WEBSOCKET = "delete window.WebSocket; Object.defineProperty(window, 'WebSocket', {value: undefined});"
 
 
@@ -191,10 +191,11 @@ def test_alert_slides_in_as_a_toast_once(start_nodes: Any, contexts: Any) -> Non
     assert page.locator(".toast", has_text="New mail from Carol").count() == 0
 
 
-def test_screenshots_desktop_and_phone(start_nodes: Any, contexts: Any) -> None:
-    """Renders the demo page with some life in it, for docs/screenshots (and a layout check)."""
+def test_screenshots_desktop_and_phone(start_nodes: Any, contexts: Any, tmp_path: Path) -> None:
+    """Renders the demo page with some life in it (a layout check). With
+    CHAT_SCREENSHOTS_DIR=docs/screenshots it refreshes the pictures in the docs."""
     (node,) = start_nodes(1)
-    out = ROOT / "docs" / "screenshots"
+    out = Path(os.environ.get("CHAT_SCREENSHOTS_DIR") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
     carol = open_chat(contexts(), node, "carol", "Carol Danvers")
     bob = open_chat(contexts(), node, "bob", "Bob Marley")
