@@ -357,12 +357,11 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             sessions = [(user, sid) for sid, user in self._local_sessions.items()]
-            for i in range(0, len(sessions), 500):
-                try:
-                    await self.presence.heartbeat(sessions[i:i + 500])
-                    METRICS.presence_heartbeats.inc(len(sessions[i:i + 500]))
-                except ChatError:
-                    break
+            try:
+                await self.presence.heartbeat(sessions)
+                METRICS.presence_heartbeats.inc(len(sessions))
+            except ChatError:
+                pass
 
     async def _sweeper(self) -> None:
         """Users whose sessions all expired (their node died) go offline, announced once."""

@@ -145,3 +145,31 @@ async def test_server_endpoints_check_the_key_and_inputs(start_nodes, clients):
     assert status == 200 and body["token"].count(".") == 2
     zoe = await clients(a.ws_url, token=body["token"])
     assert zoe.welcome["user"] == {"id": "zoe", "name": "Zoe"}
+
+
+async def test_heartbeat_refreshes_every_session_in_few_scripts(redis_client):
+    """One script per user shard and batch: every session's expiry and the online index move
+    forward (never backward: ZADD GT), and the number of round trips is that of the batches."""
+    from node.keys import Keys
+    from node.presence import HEARTBEAT_BATCH, Presence
+
+    keys = Keys(16)
+    presence = Presence(redis_client, keys, ttl_s=30)
+    sessions = [(f"hb-user{i}", f"sess-{i}") for i in range(1000)]
+    for user, session in sessions:
+        await presence.start(user, user, session)
+    far = presence.now_ms() + 3_600_000
+    await redis_client.zadd(keys.online_index(keys.user_shard("hb-user0")), {"hb-user0": far})
+    before = presence.now_ms()
+    calls = await presence.heartbeat(sessions, ttl_ms=600_000)
+    per_shard: dict[int, int] = {}
+    for user, _ in sessions:
+        per_shard[keys.user_shard(user)] = per_shard.get(keys.user_shard(user), 0) + 1
+    assert calls == sum(-(-n // HEARTBEAT_BATCH) for n in per_shard.values())
+    assert calls < len(sessions) // 10
+    for user, session in sessions:
+        expiry = await redis_client.zscore(keys.user_sessions(user), session)
+        assert expiry >= before + 600_000, user
+        assert 0 < await redis_client.pttl(keys.user_sessions(user))
+        indexed = await redis_client.zscore(keys.online_index(keys.user_shard(user)), user)
+        assert indexed == (far if user == "hb-user0" else expiry), user
