@@ -266,7 +266,7 @@ class Node:
         if topic is None:
             topic = self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
                                                       epoch, self._after_personal))
-            await self.fanout.reader(topic.shard).interrupt(key)
+            await self.fanout.reader_of(topic).interrupt(key)
         topic.sinks.add(sub.sink)
         sub.topics["@personal"] = topic
         upto = topic.pos

@@ -185,7 +185,7 @@ class Poller:
             if stream_id_tuple(ptopic.pos) > stream_id_tuple(collected.personal["id"]):
                 waiter.event.set()
             for topic in fresh:
-                await node.fanout.reader(topic.shard).interrupt(topic.key)
+                await node.fanout.reader_of(topic).interrupt(topic.key)
             if not waiter.event.is_set():
                 try:
                     await asyncio.wait_for(waiter.event.wait(), wait_ms / 1000.0)

@@ -95,7 +95,7 @@ class Sessions:
                 created.append(topic)
         # -------------------------------------------------------------------------------------
         if created:
-            await asyncio.gather(*(fanout.reader(t.shard).interrupt(t.key) for t in created))
+            await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in created))
 
         recovered: dict[str, bool] = {}
         replay_frames: list[bytes] = []
@@ -168,7 +168,7 @@ class Sessions:
             sub.topics[room] = topic
             upto = topic.pos
             if is_new:
-                await node.fanout.reader(topic.shard).interrupt(key)
+                await node.fanout.reader_of(topic).interrupt(key)
             if start is not None and start != upto:
                 entries = await node.streams.replay_range(room, start, upto, node.settings.replay_limit)
                 plan = plan_replay(meta.epoch, topic.epoch, start, upto, entries, node.settings.replay_limit)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from node.client import ChatClient
 from node.keys import Keys
 
@@ -134,3 +136,34 @@ async def test_welcome_seq_matches_last_id_while_messages_flow(start_nodes, clie
             assert first_live["seq"] == room["seq"] + 1, (room, first_live)
         await joiner.close()
     await task
+
+
+@pytest.mark.standalone_only
+async def test_room_reads_do_not_carry_personal_streams(start_nodes, clients, redis_client):
+    """Personal streams are read in their own lane: the XREAD that carries a room's messages
+    names only room and ephemeral streams, never the inboxes of the node's users (which would
+    be re-sent and parsed after every room message)."""
+    (node,) = start_nodes(1)
+    keys = Keys(16)
+    users = [f"lane{i}" for i in range(40)]
+    conns = [await clients(node.ws_url, user=u) for u in users]
+    assert {keys.user_shard(u) for u in users} >= {keys.room_shard("general")}
+    await redis_client.config_set("slowlog-max-len", 100_000)
+    await redis_client.config_set("slowlog-log-slower-than", 0)
+    await redis_client.slowlog_reset()
+    await conns[0].request("send", room="general", text="hi", cmid="lane-1")
+    for c in conns:
+        while (await c.next_event(timeout=10))["type"] != "message":
+            pass
+    await redis_client.config_set("slowlog-log-slower-than", 10_000)
+    general = keys.room_stream("general")
+    reads = []
+    for entry in await redis_client.slowlog_get(100_000):
+        args = [a.decode() if isinstance(a, bytes) else str(a) for a in entry["command"].split()] \
+            if isinstance(entry["command"], (bytes, str)) else list(entry["command"])
+        if args and args[0].upper() == "XREAD" and general in args:
+            reads.append(args)
+    assert reads, "no XREAD of the general stream was logged"
+    inboxes = {keys.user_inbox(u) for u in users}
+    for args in reads:
+        assert not inboxes.intersection(args), args
