@@ -67,7 +67,7 @@ async def command(request: web.Request) -> web.Response:
     raw = await read_body(request, node.settings.max_frame_bytes)
     ref = protocol.ref_of(_loose(raw))
     try:
-        frame = protocol.parse_frame(raw)
+        frame = protocol.parse_frame(raw, node.settings.max_json_depth)
         if frame["type"] in ("hello", "refresh"):
             raise BadRequest(f"{frame['type']} is a WebSocket frame; use /api/v1/session")
         caller = Caller(identity, "http", "http")

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import MAX_DEPTH as MAX_JSON_DEPTH  # fixed by the parser; reported in welcome.limits
+from .protocol import MAX_DEPTH as MAX_JSON_DEPTH
+from .protocol import MIN_DEPTH as MIN_JSON_DEPTH
 
 
 class ConfigError(ValueError):
@@ -173,6 +174,9 @@ FIELDS: tuple[Field, ...] = (
     Field("poll_unfocused_ms", "CHAT_POLL_UNFOCUSED_MS", int, 15000, "Least poll interval of an unfocused client", _positive),
     Field("max_rooms_per_user", "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive),
     Field("max_room_members", "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive),
+    Field("max_json_depth", "CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
+          "Deepest nesting of a command frame (the frame object is level 1)",
+          lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64"),
     Field("personal_maxlen", "CHAT_PERSONAL_MAXLEN", int, 500,
           "Personal events (alerts, invitations) kept per user while offline", _positive),
     Field("abuse_closes_max", "CHAT_ABUSE_CLOSES_MAX", int, 20,
@@ -246,6 +250,7 @@ class Settings:
     poll_unfocused_ms: int
     max_rooms_per_user: int
     max_room_members: int
+    max_json_depth: int
     personal_maxlen: int
     abuse_closes_max: int
     abuse_window_s: float
@@ -271,7 +276,7 @@ class Settings:
             "rate_burst": self.rate_burst,
             "max_rooms_per_user": self.max_rooms_per_user,
             "max_room_members": self.max_room_members,
-            "max_json_depth": MAX_JSON_DEPTH,
+            "max_json_depth": self.max_json_depth,
             "rate_strikes_max": self.rate_strikes_max,
             "protocol_errors_max": self.protocol_errors_max,
             "max_connections_per_user": self.max_connections_per_user,

@@ -22,7 +22,8 @@ CMID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 MAX_STREAM_PART = 2**64 - 1  # Redis refuses larger stream id parts (an error, not a miss)
 MAX_REF_CHARS = 64
-MAX_DEPTH = 8
+MAX_DEPTH = 8  # default of CHAT_MAX_JSON_DEPTH
+MIN_DEPTH = 4  # the contract's own frames nest this deep (hello.cursors.ROOM.id)
 
 
 # Field kinds used in the command table.
@@ -90,7 +91,7 @@ def decode(data: str | bytes) -> Any:
         raise BadRequest("malformed JSON") from None
 
 
-def validate(frame: Any) -> dict[str, Any]:
+def validate(frame: Any, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """Check a decoded frame against the command table; returns it unchanged if valid."""
     if not isinstance(frame, dict):
         raise BadRequest("a frame must be a JSON object")
@@ -102,7 +103,7 @@ def validate(frame: Any) -> dict[str, Any]:
         raise BadRequest(f"unknown type: {kind[:32]}")
     if "ref" in frame and ref_of(frame) is None:
         raise BadRequest("ref must be a string (up to 64 chars) or an integer")
-    if _depth(frame, MAX_DEPTH) > MAX_DEPTH:
+    if _depth(frame, max_depth) > max_depth:
         raise BadRequest("frame nested too deeply")
     for name, (field_kind, required) in spec.items():
         if name not in frame or frame[name] is None:
@@ -117,8 +118,8 @@ def validate(frame: Any) -> dict[str, Any]:
     return frame
 
 
-def parse_frame(data: str | bytes) -> dict[str, Any]:
-    return validate(decode(data))
+def parse_frame(data: str | bytes, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    return validate(decode(data), max_depth)
 
 
 # -- field checks shared by the commands ---------------------------------------------------

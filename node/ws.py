@@ -50,7 +50,7 @@ log = logging.getLogger("chatcluster.ws")
 # its socket is aborted: its buffered frames are the memory the cut-off is meant to free.
 SLOW_CONSUMER_GRACE_S = 2.0
 
-TOO_DEEP = "frame nested too deeply"  # node.protocol's message for MAX_DEPTH
+TOO_DEEP = "frame nested too deeply"  # node.protocol's message past CHAT_MAX_JSON_DEPTH
 
 for _limit in LIMITS:  # every series exists from the first scrape
     METRICS.rate_limited.labels(limit=_limit)
@@ -274,7 +274,7 @@ class WsServer:
                     return False
                 continue
             try:
-                frame = protocol.parse_frame(raw)
+                frame = protocol.parse_frame(raw, self.node.settings.max_json_depth)
             except ChatError as exc:
                 if not self._protocol_error(conn, "malformed", protocol.ref_of(_loose(raw)), exc):
                     return False
@@ -373,7 +373,7 @@ class WsServer:
                     break
                 continue
             try:
-                frame = protocol.parse_frame(raw)
+                frame = protocol.parse_frame(raw, self.node.settings.max_json_depth)
             except ChatError as exc:
                 if not self._protocol_error(conn, "malformed", protocol.ref_of(_loose(raw)), exc):
                     break

@@ -193,15 +193,21 @@ async def test_http_body_size_and_request_rate_per_ip(start_nodes):
 
 
 async def test_frame_text_and_depth_limits_are_counted(start_nodes):
-    (a,) = start_nodes(1, CHAT_MAX_FRAME_BYTES=1024, CHAT_MAX_TEXT_CHARS=20)
+    (a,) = start_nodes(1, CHAT_MAX_FRAME_BYTES=1024, CHAT_MAX_TEXT_CHARS=20, CHAT_MAX_JSON_DEPTH=5)
     ws = await raw_connect(a.ws_url)
     welcome = await hello(ws, "sizer")
     limits = welcome["limits"]
-    assert (limits["max_frame_bytes"], limits["max_text_chars"], limits["max_json_depth"]) == (1024, 20, 8)
-    deep: object = "x"
-    for _ in range(9):
-        deep = [deep]
-    await send_json(ws, {"type": "ping", "ref": "d", "x": deep})
+    assert (limits["max_frame_bytes"], limits["max_text_chars"], limits["max_json_depth"]) == (1024, 20, 5)
+
+    def nested(levels: int) -> object:  # a frame whose deepest value sits at level `levels`
+        deep: object = "x"
+        for _ in range(levels - 2):
+            deep = [deep]
+        return deep
+
+    await send_json(ws, {"type": "ping", "ref": "ok", "x": nested(5)})
+    assert "error" not in await next_reply(ws)
+    await send_json(ws, {"type": "ping", "ref": "d", "x": nested(6)})
     reply = await next_reply(ws)
     assert reply["error"]["code"] == "bad_request" and reply["ref"] == "d"
     await send_json(ws, {"type": "send", "ref": "t", "room": "general", "text": "y" * 21})

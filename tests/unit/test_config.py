@@ -30,3 +30,12 @@ def test_overrides_beat_environment_and_settings_are_frozen():
 def test_jwt_mode_needs_a_key():
     with pytest.raises(config.ConfigError, match="CHAT_JWT_SECRET"):
         config.require_auth_material(config.load({}))
+
+
+def test_json_depth_is_bounded_below_by_the_contracts_own_frames():
+    from node.config import ConfigError, load
+
+    assert load({"CHAT_MAX_JSON_DEPTH": "12"}).max_json_depth == 12
+    for bad in ("3", "65"):
+        with pytest.raises(ConfigError, match="CHAT_MAX_JSON_DEPTH"):
+            load({"CHAT_MAX_JSON_DEPTH": bad})
