@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from . import protocol
-from .auth import Identity, authenticate_bearer, check_api_key, issue_token
+from .auth import Identity, audiences_of, authenticate_bearer, check_api_key, issue_token
 from .commands import Caller
 from .errors import BadRequest, ChatError, NotFound, TooLarge, Unauthorized, error_body, status_of
 from .http import NODE_KEY, json_response, read_body, read_json
@@ -178,7 +178,9 @@ async def tokens(request: web.Request) -> web.Response:
     ttl = body.get("ttl_s", 3600)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= 30 * 86400:
         raise BadRequest("ttl_s must be an integer 60..2592000")
-    token, expires_at = issue_token(node.settings.jwt_secret, user, check_display_name(name) if name else None, ttl)
+    audiences = audiences_of(node.settings)
+    token, expires_at = issue_token(node.settings.jwt_secret, user, check_display_name(name) if name else None, ttl,
+                                    audiences[0] if audiences else None, node.settings.jwt_issuer or None)
     return json_response({"token": token, "expires_at": expires_at})
 
 

@@ -212,17 +212,27 @@ def verify_token(settings: Settings, token: str) -> Identity:
     if not candidates:
         raise Unauthorized("invalid token")
     claims: dict[str, Any] | None = None
+    audiences = audiences_of(settings)
+    issuer = settings.jwt_issuer or None
+    required = ["sub", "exp"] + (["aud"] if audiences else []) + (["iss"] if issuer else [])
     for key, alg in candidates:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], leeway=settings.jwt_leeway_s,
-                options={"require": ["sub", "exp"]},
+                audience=audiences or None, issuer=issuer,
+                # Without CHAT_JWT_AUDIENCE a token's aud is not checked (PyJWT would otherwise
+                # refuse every token that has one, as most identity providers' tokens do).
+                options={"require": required, "verify_aud": bool(audiences)},
             )
             break
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
         except jwt.InvalidSignatureError:
             continue  # try the next secret of the rotation
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("token audience not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("token issuer not accepted") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthorized("invalid token") from None
     if claims is None:
@@ -288,9 +298,14 @@ def check_api_key(settings: Settings, header: str | None) -> None:
         raise Unauthorized("invalid API key")
 
 
-def issue_token(secret: str, user: str, name: str | None = None, ttl_s: int = 3600) -> tuple[str, int]:
+def audiences_of(settings: Settings) -> list[str]:
+    return [a.strip() for a in settings.jwt_audience.split(",") if a.strip()]
+
+
+def issue_token(secret: str, user: str, name: str | None = None, ttl_s: int = 3600,
+                audience: str | None = None, issuer: str | None = None) -> tuple[str, int]:
     """Sign an HS256 user token with the first secret of ``secret`` (a comma-separated list);
-    returns (token, expires_at)."""
+    returns (token, expires_at). ``audience``/``issuer`` set the aud/iss claims."""
     if not USER_ID_RE.match(user):
         raise ValueError("invalid user id")
     secrets_ = hs_secrets(secret)
@@ -300,4 +315,8 @@ def issue_token(secret: str, user: str, name: str | None = None, ttl_s: int = 36
     claims: dict[str, Any] = {"sub": user, "exp": expires_at, "iat": int(time.time())}
     if name:
         claims["name"] = name
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
     return jwt.encode(claims, secrets_[0], algorithm="HS256"), expires_at

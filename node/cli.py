@@ -155,7 +155,9 @@ def cmd_token(args: argparse.Namespace) -> int:
         print("chatcluster: CHAT_JWT_SECRET is not set", file=sys.stderr)
         return 2
     try:
-        token, _ = issue_token(secret, args.user, args.name, args.ttl)
+        audience = os.environ.get("CHAT_JWT_AUDIENCE", "").split(",")[0].strip() or None
+        token, _ = issue_token(secret, args.user, args.name, args.ttl, audience,
+                               os.environ.get("CHAT_JWT_ISSUER") or None)
     except ValueError as exc:
         print(f"chatcluster: {exc}", file=sys.stderr)
         return 2

@@ -109,6 +109,10 @@ FIELDS: tuple[Field, ...] = (
     Field("jwks_file", "CHAT_JWKS_FILE", str, "",
           "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it changes"),
     Field("jwt_leeway_s", "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative),
+    Field("jwt_audience", "CHAT_JWT_AUDIENCE", str, "",
+          "Accepted aud values, comma-separated: when set, user tokens must name one (unset: aud not checked)"),
+    Field("jwt_issuer", "CHAT_JWT_ISSUER", str, "",
+          "Required iss of user tokens (unset: not checked); tokens the node signs carry it"),
     Field("token_refresh_window_s", "CHAT_TOKEN_REFRESH_WINDOW_S", float, 60.0,
           "A WebSocket whose token expired may send refresh for this long before it is closed 4500",
           _non_negative),
@@ -208,6 +212,8 @@ class Settings:
     jwt_public_key: str
     jwks_file: str
     jwt_leeway_s: float
+    jwt_audience: str
+    jwt_issuer: str
     token_refresh_window_s: float
     token_notice_s: float
     api_key: str

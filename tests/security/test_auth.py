@@ -168,3 +168,21 @@ def test_refresh_identity():
     for token in (None, "", 42, "garbage", sign(S1, "alice", ttl=-100)):
         with pytest.raises(Unauthorized):
             refresh_identity(s, current, token)
+
+
+def test_audience_and_issuer():
+    # Unset: aud and iss are not checked (a provider's token with an aud still passes).
+    assert verify_token(settings(CHAT_JWT_SECRET=S1), sign(S1, "alice", aud="anything", iss="x")).user == "alice"
+    s = settings(CHAT_JWT_SECRET=S1, CHAT_JWT_AUDIENCE="chat, chat-staging", CHAT_JWT_ISSUER="https://idp.example")
+    for aud in ("chat", "chat-staging", ["other", "chat"]):
+        assert verify_token(s, sign(S1, "alice", aud=aud, iss="https://idp.example")).user == "alice"
+    with pytest.raises(Unauthorized, match="audience"):
+        verify_token(s, sign(S1, "eve", aud="other", iss="https://idp.example"))
+    with pytest.raises(Unauthorized, match="issuer"):
+        verify_token(s, sign(S1, "eve", aud="chat", iss="https://evil.example"))
+    for missing in ({"iss": "https://idp.example"}, {"aud": "chat"}):
+        with pytest.raises(Unauthorized):
+            verify_token(s, sign(S1, "eve", **missing))
+    # Tokens the node signs itself carry what it requires.
+    token, _ = issue_token(S1, "bob", audience="chat", issuer="https://idp.example")
+    assert verify_token(s, token).user == "bob"
