@@ -178,6 +178,9 @@ FIELDS: tuple[Field, ...] = (
     Field("poll_unfocused_ms", "CHAT_POLL_UNFOCUSED_MS", int, 15000, "Least poll interval of an unfocused client", _positive),
     Field("max_rooms_per_user", "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive),
     Field("max_room_members", "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive),
+    Field("max_polls_per_user", "CHAT_MAX_POLLS_PER_USER", int, 4,
+          "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = off)",
+          _non_negative),
     Field("max_json_depth", "CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
           "Deepest nesting of a command frame (the frame object is level 1)",
           lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64"),
@@ -257,6 +260,7 @@ class Settings:
     max_rooms_per_user: int
     max_room_members: int
     max_json_depth: int
+    max_polls_per_user: int
     personal_maxlen: int
     abuse_closes_max: int
     abuse_window_s: float
@@ -283,6 +287,7 @@ class Settings:
             "max_rooms_per_user": self.max_rooms_per_user,
             "max_room_members": self.max_room_members,
             "max_json_depth": self.max_json_depth,
+            "max_polls_per_user": self.max_polls_per_user,
             "rate_strikes_max": self.rate_strikes_max,
             "protocol_errors_max": self.protocol_errors_max,
             "max_connections_per_user": self.max_connections_per_user,

@@ -73,6 +73,7 @@ class Metrics:
             "Age of the newest entry of the last read, worst shard reader (0 when caught up)",
             registry=r)
         self.readers = Gauge("chatcluster_stream_readers", "Shard readers running", registry=r)
+        self.polls_waiting = Gauge("chatcluster_polls_waiting", "Long polls waiting for events", registry=r)
         self.commands = Counter(
             "chatcluster_commands_total", "Client commands handled, by type and result", ["type", "result"], registry=r)
         self.rate_limited = Counter(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .auth import Identity
-from .errors import BadRequest
+from .errors import BadRequest, RateLimited
 from .fanout import Topic
 from .metrics import METRICS
 from .personal import PersonalTopic, personal_payload
@@ -79,6 +79,9 @@ class PollWaiter:
 class Poller:
     def __init__(self, node: Node) -> None:
         self.node = node
+        # Long polls waiting on this node, per user (CHAT_MAX_POLLS_PER_USER): each holds a
+        # request, a waiter on the user's topics and up to 25 s of the node's attention.
+        self.waiting: Counter[str] = Counter()
 
     async def collect(self, identity: Identity, raw_cursors: Any, raw_personal: Any,
                       limit_per_room: int) -> Collected:
@@ -206,9 +209,21 @@ class Poller:
         if not isinstance(interval_ms, (int, float)) or isinstance(interval_ms, bool) or interval_ms < 0:
             raise BadRequest("interval_ms must be a non-negative number")
         focused = bool(focused)
+        user = identity.user
+        if wait_ms > 0 and s.max_polls_per_user and self.waiting[user] >= s.max_polls_per_user:
+            METRICS.rate_limited.labels(limit="polls_per_user").inc()
+            raise RateLimited(f"too many long polls of this user waiting (at most {s.max_polls_per_user})")
         collected = await self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit)
         if not collected.events and wait_ms > 0 and not node.draining:
-            await self.wait(identity, collected, wait_ms)
+            self.waiting[user] += 1
+            METRICS.polls_waiting.inc()
+            try:
+                await self.wait(identity, collected, wait_ms)
+            finally:
+                METRICS.polls_waiting.dec()
+                self.waiting[user] -= 1
+                if self.waiting[user] <= 0:
+                    del self.waiting[user]
             collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
         had_events = bool(collected.events)
         next_ms = next_poll_ms(had_events, interval_ms, focused, s, node.load_factor())

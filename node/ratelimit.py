@@ -22,6 +22,7 @@ LIMITS = (
     "text_chars",            # message text over CHAT_MAX_TEXT_CHARS (too_large)
     "json_depth",            # frame nested deeper than the parser allows
     "rooms_per_user",        # CHAT_MAX_ROOMS_PER_USER reached
+    "polls_per_user",        # long polls of one user waiting on one node (429)
     "room_members",          # CHAT_MAX_ROOM_MEMBERS reached
     "abuse_penalty",         # handshake refused: the address was cut off for abuse repeatedly
 )

@@ -220,3 +220,56 @@ async def test_frame_text_and_depth_limits_are_counted(start_nodes):
 
 async def _at_least(url: str, limit: str, n: float) -> bool:
     return await rate_limited(url, limit) >= n
+
+
+async def _metric(http_url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as http, http.get(http_url + "/metrics") as response:
+        text = await response.text()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_long_polls_per_user_are_capped(start_nodes):
+    """CHAT_MAX_POLLS_PER_USER long polls of one user may wait at once on a node; the next gets
+    429 rate_limited at once (counted), other users are unaffected, and a freed slot is reusable."""
+    (a,) = start_nodes(1, CHAT_MAX_POLLS_PER_USER=2)
+
+    async def call(http, user: str, path: str, body: dict) -> tuple[int, dict]:
+        async with http.post(a.http_url + path, json=body, headers={"Authorization": f"Bearer dev:{user}"}) as r:
+            return r.status, await r.json()
+
+    async with aiohttp.ClientSession() as http:
+        status, welcome = await call(http, "hog", "/api/v1/session", {})
+        assert status == 200 and welcome["limits"]["max_polls_per_user"] == 2
+        body = {"cursors": welcome["cursors"], "wait_ms": 20000, "session": welcome["session"]}
+        waiting = [asyncio.create_task(call(http, "hog", "/api/v1/poll", body)) for _ in range(2)]
+        await eventually(lambda: _at_least_metric(a.http_url, "chatcluster_polls_waiting", 2))
+        status, reply = await call(http, "hog", "/api/v1/poll", body)
+        assert status == 429 and reply["error"]["code"] == "rate_limited", reply
+        assert await rate_limited(a.http_url, "polls_per_user") == 1
+        # A short poll (wait_ms 0) and another user's long poll are not limited.
+        status, _ = await call(http, "hog", "/api/v1/poll", {**body, "wait_ms": 0})
+        assert status == 200
+        status, other = await call(http, "other", "/api/v1/session", {})
+        other_poll = asyncio.create_task(call(http, "other", "/api/v1/poll", {
+            "cursors": other["cursors"], "wait_ms": 20000, "session": other["session"]}))
+        await eventually(lambda: _at_least_metric(a.http_url, "chatcluster_polls_waiting", 3))
+        # A message wakes the waiting polls; their slots are free again.
+        sender = await raw_connect(a.ws_url)
+        await hello(sender, "sender")
+        await send_json(sender, {"type": "send", "ref": "m", "room": "general", "text": "wake up"})
+        woken = [await asyncio.wait_for(task, 15) for task in (*waiting, other_poll)]
+        for status, woke in woken:
+            assert status == 200 and any(e.get("text") == "wake up" for e in woke["events"]), woke
+        await eventually(lambda: _zero_metric(a.http_url, "chatcluster_polls_waiting"))
+        again = asyncio.create_task(call(http, "hog", "/api/v1/poll", {**body, "cursors": woken[0][1]["cursors"]}))
+        await eventually(lambda: _at_least_metric(a.http_url, "chatcluster_polls_waiting", 1))
+        again.cancel()
+
+
+async def _at_least_metric(url: str, name: str, n: float) -> bool:
+    return await _metric(url, name) >= n
+
+
+async def _zero_metric(url: str, name: str) -> bool:
+    return await _metric(url, name) == 0
