@@ -562,7 +562,21 @@ class Scaling:
         return {"scenario": "scaling", "results": results}
 
 
-SCENARIOS = {"fanout": Fanout, "idle": Idle, "scaling": Scaling}
+SCENARIOS: dict[str, Any] = {"fanout": Fanout, "idle": Idle, "scaling": Scaling}
+
+# Scenarios in modules of their own (``loadtest/scenario_*.py``). Each module has ``NAME``,
+# ``HELP``, ``add_arguments(parser)``, ``Scenario(args, cluster, workers)`` (``setup()``,
+# ``run() -> dict`` with a ``"scenario"`` key, like the classes above) and ``markdown(doc)``.
+PLUGINS: dict[str, Any] = {}
+
+
+def _load_plugins() -> None:
+    import importlib
+
+    for path in sorted((REPO / "loadtest").glob("scenario_*.py")):
+        module = importlib.import_module(f"loadtest.{path.stem}")
+        PLUGINS[module.NAME] = module
+        SCENARIOS[module.NAME] = module.Scenario
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -643,6 +657,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     i.add_argument("--settle", type=float, default=3.0)
     i.add_argument("--idle-seconds", type=float, default=5.0)
     i.set_defaults(target="ours,naive", workers=4)
+
+    _load_plugins()
+    for name, module in PLUGINS.items():
+        p = sub.add_parser(name, help=module.HELP)
+        common(p)
+        module.add_arguments(p)
     return parser.parse_args(argv)
 
 
@@ -678,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and doc["scenario"] == "fanout":
         stats.plot_fanout(doc, args.plot)
         log(f"plot: {args.plot}")
-    print(stats.markdown(doc))
+    plugin = PLUGINS.get(doc["scenario"])
+    print(plugin.markdown(doc) if plugin is not None else stats.markdown(doc))
     return 0
 
 
