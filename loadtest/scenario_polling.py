@@ -189,7 +189,7 @@ class PollWorker:
                 raise
             except Exception as exc:
                 c.in_flight = False
-                self._bad(type(exc).__name__)
+                self._bad(f"{type(exc).__name__} {str(exc)[:50]}".strip())
                 await asyncio.sleep(1.0)
                 continue
             c.in_flight = False
@@ -651,6 +651,20 @@ def _one_line(r: dict[str, Any]) -> str:
             f"{r['generator_cpu_util']:.0%}, gaps {r['gaps']} dups {r['dups']}, errors {_errors(r)}")
 
 
+def _baseline(doc: dict[str, Any]) -> float | None:
+    """Redis commands/s of the idle WebSocket phase: what goes on under every phase."""
+    for r in doc.get("idle", []):
+        if r["transport"] == "websocket":
+            return r["redis_read_commands"] / r["duration_s"]
+    return None
+
+
+def _net(r: dict[str, Any], base: float | None) -> str:
+    if base is None or not r.get("requests"):
+        return ""
+    return f" ({(r['redis_read_commands'] - base * r['duration_s']) / r['requests']:.1f})"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [f"Command: `{doc['command']}`", "",
@@ -661,9 +675,10 @@ def markdown(doc: dict[str, Any]) -> str:
              "### Delivery at fixed message rates (same node, same run)", "",
              "| transport | msgs/s | offered ev/s | delivered ev/s | p50 ms | p99 ms | p99.9 ms "
              "| HTTP req/s | req per delivered ev | node CPU | node µs per delivered ev "
-             "| node µs per req | Redis cmds per req | Redis cmds per delivered ev | Redis CPU "
-             "| generator CPU | non-200 / errors | lost / dup | complete |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "| node µs per req | Redis cmds per req (net) | Redis cmds per delivered ev | Redis CPU "
+             "| generator CPU | other CPU | non-200 / errors | lost / dup | complete |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    base = _baseline(doc)
     for r in doc["results"]:
         lines.append(
             f"| {r['transport']} | {r['rate_msgs']:,.0f} | {r['offered_events_per_s']:,.0f} "
@@ -671,14 +686,15 @@ def markdown(doc: dict[str, Any]) -> str:
             f"| {_f(r['p999_ms'], 1)} | {_f(r.get('requests_per_s'), 0)} "
             f"| {_f(r.get('requests_per_delivered'), 2)} | {r['node_cpu_util']:.0%} "
             f"| {_f(r['node_cpu_us_per_delivered'], 0)} | {_f(r.get('node_cpu_us_per_request'), 0)} "
-            f"| {_f(r.get('redis_commands_per_request'), 1)} "
+            f"| {_f(r.get('redis_commands_per_request'), 1)}{_net(r, base)} "
             f"| {_f(r['redis_read_commands_per_delivered'], 2)} | {r['redis_cpu_util']:.0%} "
-            f"| {r['generator_cpu_util']:.0%} | {_errors(r)} | {r['gaps']} / {r['dups']} "
+            f"| {r['generator_cpu_util']:.0%} | {r['other_cpu_util']:.0%} | {_errors(r)} "
+            f"| {r['gaps']} / {r['dups']} "
             f"| {'yes' if r.get('complete') else 'no'} |")
     if doc.get("idle"):
         lines += ["", "### Idle: the same clients, no messages", "",
                   "| transport | seconds | HTTP req/s | req/s over time (buckets) | mean next_poll_ms "
-                  "| node CPU | node µs per req | Redis cmds/s | Redis cmds per req | generator CPU "
+                  "| node CPU | node µs per req | Redis cmds/s | Redis cmds per req (net) | generator CPU "
                   "| non-200 / errors |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in doc["idle"]:
@@ -688,8 +704,13 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {buckets or '-'} | {_f(r.get('mean_next_poll_ms'), 0)} | {r['node_cpu_util']:.1%} "
                 f"| {_f(r.get('node_cpu_us_per_request'), 0)} "
                 f"| {r['redis_read_commands'] / r['duration_s']:,.0f} "
-                f"| {_f(r.get('redis_commands_per_request'), 1)} | {r['generator_cpu_util']:.0%} "
+                f"| {_f(r.get('redis_commands_per_request'), 1)}{_net(r, base)} "
+                f"| {r['generator_cpu_util']:.0%} "
                 f"| {_errors(r)} |")
+    if base is not None:
+        lines += ["", f"(net): minus the node's background Redis traffic measured in the idle "
+                  f"WebSocket phase ({base:,.0f} commands/s: shard readers, session heartbeats of "
+                  "the connected WebSocket clients), which runs under every phase."]
     top = [r for r in doc["results"] if r.get("redis_top_per_request")]
     if top:
         lines += ["", "Redis commands per request (top, first step of each polling mode): "]
