@@ -609,16 +609,17 @@ class Scenario:
         results = []
         idle = []
         try:
-            for rate in rates:
-                if not a.no_ws:
-                    results.append(self.phase("ws", "-", rate, a.duration, a.warmup))
-                for mode in modes:
-                    results.append(self.phase("poll", mode, rate, a.duration, a.warmup))
+            # Idle first: after an overloaded step, pollers would still be working off a backlog.
             if a.idle_seconds > 0:
                 for mode in modes:
                     idle.append(self.phase("poll", mode, 0, a.idle_seconds, 0.0, a.idle_bucket))
                 if not a.no_ws:
                     idle.append(self.phase("ws", "-", 0, a.idle_seconds, 0.0))
+            for rate in rates:
+                if not a.no_ws:
+                    results.append(self.phase("ws", "-", rate, a.duration, a.warmup))
+                for mode in modes:
+                    results.append(self.phase("poll", mode, rate, a.duration, a.warmup))
         finally:
             if self.pollers is not None:
                 self.pollers.stop()
