@@ -89,7 +89,7 @@ class Node:
         self.loop_lag = 0.0
         self._online_cache: dict[str, tuple[float, int]] = {}
         self._online_pending: dict[str, asyncio.Future[int]] = {}
-        self._local_sessions: dict[str, str] = {}  # WS session id -> user id
+        self._local_sessions: dict[str, tuple[str, str]] = {}  # WS session id -> (user id, name)
         self._control: dict[str, Any] = {}  # cluster server name -> client for CLIENT UNBLOCK
 
     # -- helpers used by the services -------------------------------------------------------
@@ -306,7 +306,7 @@ class Node:
             await self.redis.pfadd(self.keys.general_members(), caller.user)
         first = await self.presence.start(caller.user, caller.identity.name, caller.session_id, ttl_ms)
         if caller.transport == "ws":
-            self._local_sessions[caller.session_id] = caller.user
+            self._local_sessions[caller.session_id] = (caller.user, caller.identity.name)
         if first:
             self.spawn(self._announce_online(caller.user, caller.identity.name), "presence-online")
 
@@ -356,10 +356,21 @@ class Node:
         interval = max(1.0, self.settings.presence_ttl / 3)
         while True:
             await asyncio.sleep(interval)
-            sessions = [(user, sid) for sid, user in self._local_sessions.items()]
+            sessions = [(user, sid) for sid, (user, _) in self._local_sessions.items()]
             try:
-                await self.presence.heartbeat(sessions)
+                missing = await self.presence.heartbeat(sessions)
                 METRICS.presence_heartbeats.inc(len(sessions))
+                # Sessions Redis no longer has although they are still open here: the node was
+                # stalled past the TTL (or Redis lost them) and the sweeper took the user
+                # offline. Start them again (announcing the user online if that is a transition).
+                # Ended sessions are never refreshed: the heartbeat only touches live entries.
+                for _, sid in missing:
+                    local = self._local_sessions.get(sid)
+                    if local is not None:
+                        caller = Caller(Identity(UserId(local[0]), local[1], 0.0), sid, "ws")
+                        await self.session_started(caller)
+                        if sid not in self._local_sessions:  # it closed meanwhile
+                            await self.presence.end(local[0], sid)
             except ChatError:
                 pass
 

@@ -85,16 +85,25 @@ return gone
 # One script per user shard and batch: a heartbeat of N local sessions costs the node about
 # N/HEARTBEAT_BATCH round trips instead of 3N pipelined commands to encode and parse, which on a
 # node with thousands of sessions was a stall of tens of milliseconds in the middle of fan-out.
+# Only sessions Redis still has are refreshed (ZADD XX): a session that ended between the
+# node's snapshot and this script must not be written back (it would show its user online for
+# another TTL, then go offline a second time through the sweeper). Returns the positions (1-based)
+# of the sessions not found, so the node can start the ones that are in fact still open.
 HEARTBEAT_LUA = """
 local expiry = ARGV[1]
 local ttl = ARGV[2]
+local missing = {}
 for i = 2, #KEYS do
   local j = 1 + (i - 1) * 2
-  redis.call('ZADD', KEYS[i], expiry, ARGV[j])
-  redis.call('PEXPIRE', KEYS[i], ttl)
-  redis.call('ZADD', KEYS[1], 'GT', expiry, ARGV[j + 1])
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', expiry, ARGV[j]) == 1
+     or redis.call('ZSCORE', KEYS[i], ARGV[j]) then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('ZADD', KEYS[1], 'GT', expiry, ARGV[j + 1])
+  else
+    missing[#missing + 1] = i - 1
+  end
 end
-return #KEYS - 1
+return missing
 """
 
 # Sessions per heartbeat script: small enough that neither the node (encoding) nor Redis (running
@@ -115,6 +124,7 @@ class Presence:
         self._end = redis.register_script(END_LUA)
         self._sweep = redis.register_script(SWEEP_LUA)
         self._heartbeat = redis.register_script(HEARTBEAT_LUA)
+        self.heartbeat_scripts = 0
 
     @staticmethod
     def now_ms() -> int:
@@ -132,19 +142,20 @@ class Presence:
                                       args=[session, now + (ttl_ms or self.ttl_ms), now, name, user])
         return bool(int(first))
 
-    async def heartbeat(self, sessions: list[tuple[str, str]], ttl_ms: int | None = None) -> int:
+    async def heartbeat(self, sessions: list[tuple[str, str]], ttl_ms: int | None = None) -> list[tuple[str, str]]:
         """Refresh many (user, session) pairs: one script per user shard and batch of
         HEARTBEAT_BATCH, each two ZADDs and a PEXPIRE per session whatever the number of rooms
         the user is in. All keys of a batch share the shard's hash tag (Redis Cluster safe).
-        Returns the number of scripts run."""
+        Sessions Redis no longer has (ended, or expired and swept) are not recreated; they are
+        returned. ``self.heartbeat_scripts`` counts the scripts run."""
         if not sessions:
-            return 0
+            return []
         expiry = self.now_ms() + (ttl_ms or self.ttl_ms)
         k = self.keys
         by_shard: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for user, session in sessions:
             by_shard[k.user_shard(user)].append((user, session))
-        calls = 0
+        missing: list[tuple[str, str]] = []
         with unavailable_on_redis_errors("heartbeat"):
             for shard, pairs in by_shard.items():
                 index = k.online_index(shard)
@@ -154,9 +165,10 @@ class Presence:
                     args: list[Any] = [expiry, SESSIONS_KEY_TTL_MS]
                     for user, session in batch:
                         args += (session, user)
-                    await self._heartbeat(keys=keys, args=args)
-                    calls += 1
-        return calls
+                    gone = await self._heartbeat(keys=keys, args=args)
+                    self.heartbeat_scripts += 1
+                    missing += [batch[int(i) - 1] for i in gone or []]
+        return missing
 
     async def end(self, user: str, session: str) -> int | None:
         """Drop a session. If it was the user's last one (they went offline), how long they had

@@ -160,16 +160,47 @@ async def test_heartbeat_refreshes_every_session_in_few_scripts(redis_client):
         await presence.start(user, user, session)
     far = presence.now_ms() + 3_600_000
     await redis_client.zadd(keys.online_index(keys.user_shard("hb-user0")), {"hb-user0": far})
+    # Sessions that ended after the node took its snapshot: the heartbeat must not revive them.
+    ended = sessions[1::97]
+    for user, session in ended:
+        await presence.end(user, session)
     before = presence.now_ms()
-    calls = await presence.heartbeat(sessions, ttl_ms=600_000)
+    missing = await presence.heartbeat(sessions, ttl_ms=600_000)
+    assert sorted(missing) == sorted(ended)
     per_shard: dict[int, int] = {}
     for user, _ in sessions:
         per_shard[keys.user_shard(user)] = per_shard.get(keys.user_shard(user), 0) + 1
+    calls = presence.heartbeat_scripts
     assert calls == sum(-(-n // HEARTBEAT_BATCH) for n in per_shard.values())
     assert calls < len(sessions) // 10
+    for user, session in ended:
+        assert await redis_client.zscore(keys.user_sessions(user), session) is None, user
+        assert await redis_client.zscore(keys.online_index(keys.user_shard(user)), user) is None, user
+    sessions = [pair for pair in sessions if pair not in ended]
     for user, session in sessions:
         expiry = await redis_client.zscore(keys.user_sessions(user), session)
         assert expiry >= before + 600_000, user
         assert 0 < await redis_client.pttl(keys.user_sessions(user))
         indexed = await redis_client.zscore(keys.online_index(keys.user_shard(user)), user)
         assert indexed == (far if user == "hb-user0" else expiry), user
+
+
+async def test_heartbeat_restarts_a_live_session_that_redis_lost(start_nodes, clients, redis_client):
+    """A session still open on its node but gone from Redis (the node stalled past the TTL and a
+    sweeper took the user offline, or Redis lost the key) is started again by the next heartbeat."""
+    from node.keys import Keys
+
+    (a,) = start_nodes(1, CHAT_PRESENCE_TTL=3)
+    keys = Keys(16)
+    zed = await clients(a.ws_url, user="zed")
+    watcher = await clients(a.ws_url, user="watcher2")
+    assert (await watcher.request("where", user="zed"))["online"] is True
+    await redis_client.delete(keys.user_sessions("zed"))
+    await redis_client.zrem(keys.online_index(keys.user_shard("zed")), "zed")
+    assert (await watcher.request("where", user="zed"))["online"] is False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not (await watcher.request("where", user="zed"))["online"]:
+        assert loop.time() < deadline, "the heartbeat never restarted the live session"
+        await asyncio.sleep(0.1)
+    await zed.close()
