@@ -66,7 +66,7 @@ class EphemeralTopic(Topic):
                     continue
                 frame = ws_text_frame(orjson.dumps(event))
                 for sink in topic.sinks:
-                    if sink.owner != skip:
+                    if sink.owner != skip and sink.takes_ephemeral:
                         sink.push(frame)
                         delivered += 1
         if delivered:

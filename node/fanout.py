@@ -80,6 +80,9 @@ class Sink:
     __slots__ = ("ws", "transport", "flusher", "limit", "pending", "pending_bytes", "holding",
                  "held", "held_bytes", "closed", "on_overflow", "owner", "session")
 
+    # Typing and presence events are pushed to it (a long-poll waiter takes only stream entries).
+    takes_ephemeral = True
+
     def __init__(self, ws: Any, flusher: Flusher, limit: int,
                  on_overflow: Callable[[], None]) -> None:
         self.owner = ""  # user id, set after hello

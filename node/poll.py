@@ -63,6 +63,10 @@ class PollWaiter:
 
     __slots__ = ("event", "owner", "session", "closed")
 
+    # Typing and presence are not part of the polling transport: they must not wake a long poll
+    # (it would return empty and every waiter of the room would poll again at once).
+    takes_ephemeral = False
+
     def __init__(self, owner: str) -> None:
         self.event = asyncio.Event()
         self.owner = owner

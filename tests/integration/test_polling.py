@@ -179,3 +179,32 @@ async def test_a_large_gap_is_paged_over_polls_not_dropped(start_nodes, clients)
         assert [len(p) for p in pages] == [50, 50, 20, 0]
         assert [e["id"] for page in pages for e in page] == sent
         assert all(e["type"] == "message" for page in pages for e in page)
+
+
+async def test_typing_and_presence_do_not_wake_a_long_poll(start_nodes, clients):
+    """Ephemeral events are not part of polling: a waiting long poll sleeps through them and
+    returns with the next message (it used to return empty, making every waiter poll again)."""
+    (a,) = start_nodes(1)
+    typist = await clients(a.ws_url, user="typist")
+    witness = await clients(a.ws_url, user="witness")
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "sleepy")
+        await poller.start()
+        waiting = asyncio.create_task(poller.poll(wait_ms=20000))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:  # until the node holds the poll
+            async with http.get(a.http_url + "/metrics") as response:
+                if "chatcluster_polls_waiting 1.0" in await response.text():
+                    break
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        await typist.request("typing", room="general")
+        while True:  # the node has dispatched the typing event (the witness got it)
+            event = await witness.next_event(timeout=10)
+            if event["type"] == "typing":
+                break
+        await clients(a.ws_url, user="newcomer")  # a presence transition in general, too
+        await typist.send("general", "now wake up")
+        events = await asyncio.wait_for(waiting, 10)
+        assert [e.get("text") for e in events] == ["now wake up"], events
