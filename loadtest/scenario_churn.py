@@ -52,7 +52,6 @@ import math
 import multiprocessing as mp
 import os
 import socket
-import threading
 import time
 from array import array
 from typing import Any
@@ -62,7 +61,7 @@ import psutil
 
 from loadtest import stats
 from loadtest.targets import TARGETS
-from loadtest.wsclient import mask_frame, raise_nofile
+from loadtest.wsclient import mask_frame, pipe_inbox, raise_nofile
 
 NAME = "churn"
 HELP = "connection churn: open-loop connect+hello+close rate sweep (latency, CPU, Redis per session)"
@@ -429,20 +428,7 @@ async def run_step(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _serve(conn: Any) -> None:
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[Any] = asyncio.Queue()
-
-    def pump() -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except EOFError:
-                msg = {"op": "stop"}
-            loop.call_soon_threadsafe(inbox.put_nowait, msg)
-            if msg["op"] == "stop":
-                return
-
-    threading.Thread(target=pump, daemon=True).start()
+    inbox = pipe_inbox(conn)
     while True:
         msg = await inbox.get()
         if msg["op"] == "stop":
@@ -769,12 +755,7 @@ class Scenario:
 
 # -- output -------------------------------------------------------------------------------------
 
-def _f(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+_f = stats._f
 
 
 def _fails(r: dict[str, Any]) -> str:

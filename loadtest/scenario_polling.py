@@ -37,7 +37,6 @@ import asyncio
 import os
 import random
 import sys
-import threading
 import time
 from array import array
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import orjson
 
 from loadtest import stats
-from loadtest.wsclient import MAGIC_PREFIX, raise_nofile
+from loadtest.wsclient import MAGIC_PREFIX, pipe_inbox, raise_nofile
 
 NAME = "polling"
 HELP = "HTTP polling clients (long and short polls) vs WebSocket clients of the same node"
@@ -263,20 +262,7 @@ class PollWorker:
 
 
 async def _serve(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[Any] = asyncio.Queue()
-
-    def pump() -> None:  # a thread, as in loadtest.wsclient: the pipe stays blocking
-        while True:
-            try:
-                msg = conn.recv()
-            except EOFError:
-                msg = {"op": "stop"}
-            loop.call_soon_threadsafe(inbox.put_nowait, msg)
-            if msg["op"] == "stop":
-                return
-
-    threading.Thread(target=pump, daemon=True).start()
+    inbox = pipe_inbox(conn)
     worker = PollWorker(url, clients)
     while True:
         msg = await inbox.get()
@@ -630,12 +616,7 @@ class Scenario:
 
 # -- output ----------------------------------------------------------------------------------
 
-def _f(v: Any, nd: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{nd}f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+_f = stats._f
 
 
 def _errors(r: dict[str, Any]) -> str:

@@ -349,9 +349,10 @@ class Worker:
                     c.transport.abort()
 
 
-async def _serve_pipe(conn: Any) -> None:
+def pipe_inbox(conn: Any) -> asyncio.Queue[Any]:
+    """The messages of a multiprocessing pipe as an asyncio queue (call from the running loop);
+    a closed pipe reads as ``{"op": "stop"}``, the last message."""
     loop = asyncio.get_running_loop()
-    worker = Worker()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
 
     def pump() -> None:
@@ -367,6 +368,12 @@ async def _serve_pipe(conn: Any) -> None:
                 return
 
     threading.Thread(target=pump, daemon=True).start()
+    return inbox
+
+
+async def _serve_pipe(conn: Any) -> None:
+    worker = Worker()
+    inbox = pipe_inbox(conn)
     while True:
         msg = await inbox.get()
         op = msg["op"]
