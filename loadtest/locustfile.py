@@ -34,7 +34,7 @@ What is measured
   ratio exceeds ``--chat-max-fail-ratio`` (default 0: any failure) or the p99 of ``WS recv``
   exceeds ``--chat-max-p99-ms``.
 
-``CHAT_LOCUST_FAULT=drop`` (or ``dup``) makes one user per process ignore (or process twice) one
+``CHAT_LOCUST_FAULT=drop`` (or ``dup``) makes one WebSocket user per process ignore (or process twice) one
 received ``general`` message: the run must then fail. The smoke test uses it to prove the
 checks can fail.
 
@@ -219,11 +219,16 @@ class Receiver:
 
     def message(self, ev: dict[str, Any], length: int) -> None:
         room = ev["room"]
-        if room == "general" and _fault_armed[0]:
+        if room == "general" and _fault_armed[0] and self.kind == "WS":
             self.general_seen += 1
             if self.general_seen == 3:
                 _fault_armed[0] = False
                 if FAULT == "drop":
+                    # The client believes it has it (its cursor moves on), as a real lost message
+                    # would look: a resume must not quietly bring it back and hide the gap.
+                    lost = self.rooms.get(room)
+                    if lost is not None:
+                        lost.last_id = ev["id"]
                     return
                 if FAULT == "dup":
                     self.message(ev, length)
@@ -337,7 +342,7 @@ class ChatWsUser(User):
                 pass
         if self.reader is not None:
             self.reader.join(timeout=5)
-            self.reader.kill()
+            self.reader.kill(timeout=2)  # never block a stopping user on a stuck reader
             self.reader = None
         for res in self.waiting.values():
             res.set_exception(CommandError("disconnected"))

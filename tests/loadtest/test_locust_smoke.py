@@ -42,8 +42,14 @@ def run_locust(nodes, tmp_path: Path, users: int, seconds: int, fault: str = "")
             "--chat-wait-min", "0.2", "--chat-wait-max", "0.6", "--chat-poll-wait-ms", "2000",
             "--chat-max-p99-ms", "5000", "--only-summary",
             "--csv", str(tmp_path / f"locust{fault}")]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=150,
-                          cwd=str(tmp_path))
+    try:
+        # Under the 120 s test timeout, so that a run that does not end shows its output.
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=100,
+                              cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"locust did not end within 100 s\n--- stdout\n{out[-4000:]}\n--- stderr\n{err[-8000:]}")
 
 
 def _explain(res: subprocess.CompletedProcess[str]) -> str:
