@@ -335,14 +335,24 @@ class ChatWsUser(User):
 
     def disconnect(self) -> None:
         ws, self.ws = self.ws, None
+        # Not ws.close(): it reads the close reply itself, under the lock the reader greenlet
+        # holds while blocked in recv(), and could wait for ever (a stopping Locust user then
+        # never ends). The reader sees the server's close reply and ends; shutdown() unblocks it
+        # if it does not.
         if ws is not None:
             try:
-                ws.close(timeout=2)
+                ws.send_close()
             except Exception:
                 pass
         if self.reader is not None:
-            self.reader.join(timeout=5)
-            self.reader.kill(timeout=2)  # never block a stopping user on a stuck reader
+            self.reader.join(timeout=2)
+        if ws is not None:
+            try:
+                ws.shutdown()
+            except Exception:
+                pass
+        if self.reader is not None:
+            self.reader.kill(timeout=2)
             self.reader = None
         for res in self.waiting.values():
             res.set_exception(CommandError("disconnected"))
