@@ -82,8 +82,9 @@ import psutil  # noqa: E402
 
 from loadtest import stats  # noqa: E402
 from loadtest.publisher import publisher_main  # noqa: E402
+from loadtest.stats import commandstats, redis_info  # noqa: E402,F401
 from loadtest.targets import TARGETS  # noqa: E402
-from loadtest.wsclient import raise_nofile, worker_main  # noqa: E402
+from loadtest.wsclient import WorkerPool, raise_nofile, worker_main  # noqa: E402
 from node.embedded import Proc, start_redis  # noqa: E402
 
 CTX = mp.get_context("spawn")
@@ -99,35 +100,11 @@ def now_us() -> int:
 
 # -- shared infrastructure -------------------------------------------------------------------
 
-class Workers:
+class Workers(WorkerPool):
     """The client processes; each one holds a share of every target's connections."""
 
     def __init__(self, n: int) -> None:
-        self.pipes = []
-        self.procs = []
-        for i in range(n):
-            parent, child = CTX.Pipe()
-            proc = CTX.Process(target=worker_main, args=(child,), name=f"bench-clients-{i}",
-                               daemon=True)
-            proc.start()
-            self.pipes.append(parent)
-            self.procs.append(proc)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
-    def call_all(self, msgs: list[dict[str, Any]] | dict[str, Any], timeout: float = 600) -> list[Any]:
-        if isinstance(msgs, dict):
-            msgs = [msgs] * len(self.pipes)
-        for pipe, msg in zip(self.pipes, msgs, strict=True):
-            pipe.send(msg)
-        out = []
-        for pipe in self.pipes:
-            if not pipe.poll(timeout):
-                raise TimeoutError("client worker did not answer")
-            out.append(pipe.recv())
-        return out
+        super().__init__(n, worker_main, "bench-clients")
 
     def connect(self, target: str, port: int, users: list[str], concurrency: int,
                 dialect: str = "ws-json", rooms: list[list[str]] | None = None) -> dict[str, Any]:
@@ -142,16 +119,6 @@ class Workers:
                 errors[k] = errors.get(k, 0) + v
         return {"ok": sum(r["ok"] for r in replies), "failed": sum(r["failed"] for r in replies),
                 "errors": errors}
-
-    def stop(self) -> None:
-        try:
-            self.call_all({"op": "stop"}, timeout=10)
-        except Exception:
-            pass
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
 
 
 class Cluster:
@@ -444,27 +411,6 @@ class Idle:
 
 
 # -- scaling: Redis work per message as nodes are added --------------------------------------------
-
-def redis_info(port: int, section: str) -> dict[str, str]:
-    import socket
-
-    from loadtest.publisher import RespReader, _cmd
-
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(_cmd("INFO", section))
-        text = RespReader(sock).read().decode()
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-
-
-def commandstats(port: int) -> dict[str, int]:
-    """Calls per command, plus ``usec:<command>``: Redis's own time spent in it."""
-    out = {}
-    for k, v in redis_info(port, "commandstats").items():
-        fields = dict(f.split("=", 1) for f in v.split(","))
-        out[k.removeprefix("cmdstat_")] = int(fields["calls"])
-        out["usec:" + k.removeprefix("cmdstat_")] = int(fields["usec"])
-    return out
-
 
 class Scaling:
     """The same rooms and clients spread over 1, 2, 4 nodes: Redis commands and Redis CPU per

@@ -49,9 +49,7 @@ import asyncio
 import base64
 import errno
 import math
-import multiprocessing as mp
 import os
-import socket
 import time
 from array import array
 from typing import Any
@@ -61,12 +59,10 @@ import psutil
 
 from loadtest import stats
 from loadtest.targets import TARGETS
-from loadtest.wsclient import mask_frame, pipe_inbox, raise_nofile
+from loadtest.wsclient import WorkerPool, mask_frame, pipe_inbox, run_worker
 
 NAME = "churn"
 HELP = "connection churn: open-loop connect+hello+close rate sweep (latency, CPU, Redis per session)"
-
-CTX = mp.get_context("spawn")
 
 
 def log(msg: str) -> None:
@@ -442,48 +438,22 @@ async def _serve(conn: Any) -> None:
 
 
 def churn_worker_main(conn: Any) -> None:
-    raise_nofile()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(_serve(conn))
+    run_worker(_serve(conn))
 
 
 # -- orchestrator side ------------------------------------------------------------------------------
 
-class ChurnWorkers:
+class ChurnWorkers(WorkerPool):
+    what = "churn client worker"
+
     def __init__(self, n: int) -> None:
-        self.pipes = []
-        self.procs = []
-        for i in range(n):
-            parent, child = CTX.Pipe()
-            proc = CTX.Process(target=churn_worker_main, args=(child,), name=f"churn-clients-{i}",
-                               daemon=True)
-            proc.start()
-            self.pipes.append(parent)
-            self.procs.append(proc)
+        super().__init__(n, churn_worker_main, "churn-clients")
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
-    def send(self, msgs: list[dict[str, Any]]) -> None:
-        for pipe, msg in zip(self.pipes, msgs, strict=True):
-            pipe.send(msg)
-
-    def collect(self, timeout: float) -> list[dict[str, Any]]:
-        out = []
-        for pipe in self.pipes:
-            if not pipe.poll(timeout):
-                raise TimeoutError("churn client worker did not answer")
-            reply = pipe.recv()
+    def collect(self, timeout: float = 600) -> list[Any]:
+        out = super().collect(timeout)
+        for reply in out:
             if "error" in reply:
                 raise RuntimeError(f"churn client worker failed: {reply['error']}")
-            out.append(reply)
         return out
 
     def stop(self) -> None:
@@ -498,34 +468,12 @@ class ChurnWorkers:
                 p.kill()
 
 
-def _redis_call(port: int, *args: Any) -> Any:
-    from loadtest.publisher import RespReader, _cmd
-
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(_cmd(*args))
-        return RespReader(sock).read()
-
-
-def commandstats(port: int) -> dict[str, int]:
-    """Calls per command, and ``usec:<command>``, from ``INFO commandstats``."""
-    text = _redis_call(port, "INFO", "commandstats").decode()
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        if not line.startswith("cmdstat_"):
-            continue
-        name, _, rest = line.partition(":")
-        fields = dict(f.split("=", 1) for f in rest.split(","))
-        out[name.removeprefix("cmdstat_")] = int(fields["calls"])
-        out["usec:" + name.removeprefix("cmdstat_")] = int(fields["usec"])
-    return out
-
-
 def online_users(port: int, shards: int) -> int:
     """Users some node still lists as online (the online indexes, any expiry)."""
     from node.keys import Keys
 
     keys = Keys(shards)
-    return sum(int(_redis_call(port, "ZCARD", keys.online_index(s))) for s in range(shards))
+    return sum(int(stats.redis_call(port, "ZCARD", keys.online_index(s))) for s in range(shards))
 
 
 async def seed(redis_url: str, shards: int, rooms: dict[str, list[str]], users: list[str]) -> None:
@@ -602,12 +550,12 @@ class Scenario:
         time.sleep(1.0)
         # Idle command rate of everything (every target idle): subtracted from each window.
         port = self.cluster.redis_port
-        c0 = commandstats(port)
+        c0 = stats.commandstats(port)
         sampler = stats.CpuSampler({"redis": [self.cluster.redis.pid]})
         sampler.start()
         time.sleep(a.idle_baseline)
         cpu = sampler.stop()
-        c1 = commandstats(port)
+        c1 = stats.commandstats(port)
         self.idle = {k: (c1.get(k, 0) - c0.get(k, 0)) / a.idle_baseline for k in c1}
         self.idle_redis_cpu = cpu["redis"] / a.idle_baseline
         log(f"idle: {sum(v for k, v in self.idle.items() if not k.startswith('usec:')):.1f} "
@@ -638,11 +586,11 @@ class Scenario:
         sampler = stats.CpuSampler({"node": [server.pid], "redis": [self.cluster.redis.pid],
                                     "clients": self.workers.pids + self.bench_workers.pids})
         time.sleep(max(0.0, (w0 - now_us()) / 1e6))
-        c0 = commandstats(port)
+        c0 = stats.commandstats(port)
         sampler.start()
         time.sleep(max(0.0, (w1 - now_us()) / 1e6))
         cpu = sampler.stop()
-        c1 = commandstats(port)
+        c1 = stats.commandstats(port)
         reports = self.workers.collect(a.timeout + a.hold + a.close_timeout + 30.0)
         t_drained = time.time()
         time.sleep(a.settle)

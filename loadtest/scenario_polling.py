@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 
 from loadtest import stats
-from loadtest.wsclient import MAGIC_PREFIX, pipe_inbox, raise_nofile
+from loadtest.wsclient import MAGIC_PREFIX, WorkerPool, pipe_inbox, run_worker
 
 NAME = "polling"
 HELP = "HTTP polling clients (long and short polls) vs WebSocket clients of the same node"
@@ -294,51 +294,14 @@ async def _serve(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
 
 
 def poll_worker_main(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
-    raise_nofile()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(_serve(conn, url, clients))
+    run_worker(_serve(conn, url, clients))
 
 
-class PollWorkers:
-    def __init__(self, ctx: Any, n: int, url: str, clients: list[tuple[str, str]]) -> None:
-        self.pipes, self.procs = [], []
-        for i in range(n):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=poll_worker_main, args=(child, url, clients[i::n]),
-                               name=f"bench-pollers-{i}", daemon=True)
-            proc.start()
-            self.pipes.append(parent)
-            self.procs.append(proc)
+class PollWorkers(WorkerPool):
+    what = "polling worker"
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
-    def call_all(self, msg: dict[str, Any], timeout: float = 600) -> list[Any]:
-        for pipe in self.pipes:
-            pipe.send(msg)
-        out = []
-        for pipe in self.pipes:
-            if not pipe.poll(timeout):
-                raise TimeoutError("polling worker did not answer")
-            out.append(pipe.recv())
-        return out
-
-    def stop(self) -> None:
-        try:
-            self.call_all({"op": "stop"}, timeout=10)
-        except Exception:
-            pass
-        for p in self.procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
+    def __init__(self, n: int, url: str, clients: list[tuple[str, str]]) -> None:
+        super().__init__(n, poll_worker_main, "bench-pollers", lambda i: (url, clients[i::n]))
 
 
 def _merge(dicts: Any) -> dict[Any, int]:
@@ -390,7 +353,7 @@ class Scenario:
             f"{self.cluster.servers[self.target].pid}, http port {info['http_port']}")
 
     def setup(self) -> None:
-        from loadtest.bench import CTX, seed_rooms
+        from loadtest.bench import seed_rooms
 
         a = self.args
         self._restart_node()
@@ -402,7 +365,7 @@ class Scenario:
         self.poll_rooms, self.ws_rooms, self.room_size = list(poll_rooms), list(ws_rooms), size
         clients = [(u, room) for room, members in poll_rooms.items() for u in members]
         url = f"http://127.0.0.1:{server.info['http_port']}"
-        self.pollers = PollWorkers(CTX, a.poll_workers, url, clients)
+        self.pollers = PollWorkers(a.poll_workers, url, clients)
         t = time.monotonic()
         replies = self.pollers.call_all({"op": "sessions", "concurrency": 50})
         ok = sum(r["ok"] for r in replies)
@@ -472,7 +435,6 @@ class Scenario:
     def phase(self, kind: str, mode: str, rate: float, duration: float, warmup: float,
               bucket_s: float = 1.0) -> dict[str, Any]:
         """kind "poll" (mode long/short) or "ws"; rate 0: idle (no publisher)."""
-        from loadtest.bench import commandstats
 
         a = self.args
         server = self.cluster.servers[self.target]
@@ -496,11 +458,11 @@ class Scenario:
                   "publisher": [pub.pid] if pub is not None and pub.pid else []}
         sampler = stats.CpuSampler(groups)
         time.sleep(max(0.0, (w0 - now_us()) / 1e6))
-        cs0 = commandstats(self.cluster.redis_port)
+        cs0 = stats.commandstats(self.cluster.redis_port)
         sampler.start()
         time.sleep(max(0.0, (w1 - now_us()) / 1e6))
         cpu = sampler.stop()
-        cs1 = commandstats(self.cluster.redis_port)
+        cs1 = stats.commandstats(self.cluster.redis_port)
         pub_result: dict[str, Any] = {"sent": 0, "last_seq": {}, "max_lag_ms": 0.0}
         if pub is not None and parent is not None:
             if not parent.poll(30):

@@ -227,3 +227,29 @@ def plot_fanout(doc: dict[str, Any], path: str) -> None:
                  "(hollow: did not keep up)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def redis_call(port: int, *args: Any) -> Any:
+    """One command to the Redis on ``port`` (localhost), over a plain socket."""
+    import socket
+
+    from loadtest.publisher import RespReader, _cmd
+
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(_cmd(*args))
+        return RespReader(sock).read()
+
+
+def redis_info(port: int, section: str) -> dict[str, str]:
+    text = redis_call(port, "INFO", section).decode()
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def commandstats(port: int) -> dict[str, int]:
+    """Calls per command, plus ``usec:<command>``: Redis's own time spent in it."""
+    out = {}
+    for k, v in redis_info(port, "commandstats").items():
+        fields = dict(f.split("=", 1) for f in v.split(","))
+        out[k.removeprefix("cmdstat_")] = int(fields["calls"])
+        out["usec:" + k.removeprefix("cmdstat_")] = int(fields["usec"])
+    return out

@@ -402,8 +402,9 @@ async def _serve_pipe(conn: Any) -> None:
         conn.send(reply)
 
 
-def worker_main(conn: Any) -> None:
-    """Entry point of a client worker process."""
+def run_worker(main: Any) -> None:
+    """Run a client worker process's main coroutine on uvloop (when installed), with the file
+    descriptor limit raised."""
     raise_nofile()
     try:
         import uvloop
@@ -412,4 +413,60 @@ def worker_main(conn: Any) -> None:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(_serve_pipe(conn))
+        runner.run(main)
+
+
+def worker_main(conn: Any) -> None:
+    """Entry point of a client worker process."""
+    run_worker(_serve_pipe(conn))
+
+
+class WorkerPool:
+    """Client worker processes, each driven over a pipe: ``target(conn, *args_of(i))``."""
+
+    what = "client worker"
+
+    def __init__(self, n: int, target: Any, name: str, args_of: Any = lambda i: ()) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.pipes: list[Any] = []
+        self.procs: list[Any] = []
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=target, args=(child, *args_of(i)), name=f"{name}-{i}", daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def send(self, msgs: list[dict[str, Any]] | dict[str, Any]) -> None:
+        if isinstance(msgs, dict):
+            msgs = [msgs] * len(self.pipes)
+        for pipe, msg in zip(self.pipes, msgs, strict=True):
+            pipe.send(msg)
+
+    def collect(self, timeout: float = 600) -> list[Any]:
+        out = []
+        for pipe in self.pipes:
+            if not pipe.poll(timeout):
+                raise TimeoutError(f"{self.what} did not answer")
+            out.append(pipe.recv())
+        return out
+
+    def call_all(self, msgs: list[dict[str, Any]] | dict[str, Any], timeout: float = 600) -> list[Any]:
+        self.send(msgs)
+        return self.collect(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call_all({"op": "stop"}, timeout=10)
+        except Exception:
+            pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
