@@ -44,7 +44,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The request's body, at most ``limit`` bytes (``too_large`` otherwise, read no further)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
+    # read(n) returns what has arrived, up to n: a body in several segments (chunked, or a slow
+    # client) needs several reads, or it would be cut short and parsed half.
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    body = b"".join(chunks)
     if len(body) > limit:
         raise BodyTooLarge(f"body larger than {limit} bytes")
     return body
