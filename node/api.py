@@ -185,7 +185,7 @@ async def tokens(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application, node: Node) -> None:
-    app[POLLER_KEY] = Poller(node)
+    app[POLLER_KEY] = node.poller
     app.router.add_post("/api/v1/session", session)
     app.router.add_post("/api/v1/command", command)
     app.router.add_post("/api/v1/poll", poll)

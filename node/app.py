@@ -33,12 +33,15 @@ from .fanout import Fanout, Flusher, ShardReader, Topic
 from .http import build_app
 from .keys import GENERAL, Keys, UserId
 from .metrics import METRICS
+from .pauses import PausePoints
 from .personal import PersonalStreams, PersonalTopic, personal_payload
+from .poll import Poller
 from .presence import Presence
 from .protocol import dumps, message_event, parse_cursor, stream_id_tuple, ws_text_frame
 from .rooms import Rooms
-from .session import Sessions, Subscription, room_summary
-from .streams import Appended, RoomMeta, RoomStreams
+from .session import Sessions, Subscription
+from .streams import Appended, RoomMeta, RoomStreams, room_summary
+from .supervise import ThrottledLog, supervise
 from .unread import ReadMarkers, unread_count
 from .ws import WsServer
 
@@ -69,20 +72,24 @@ class Node:
         self.redis: Any = redisio.connect(settings.redis_url)
         self.streams = RoomStreams(self.redis, self.keys, maxlen=settings.history_maxlen,
                                    cmid_ttl_s=settings.cmid_ttl_s,
-                                   max_age_s=settings.history_max_age_s)
+                                   max_age_s=settings.history_max_age_s,
+                                   wait_replicas=settings.redis_wait_replicas)
         self.rooms = Rooms(self.redis, self.keys, self.streams)
         self.presence = Presence(self.redis, self.keys, settings.presence_ttl)
         self.personal = PersonalStreams(self.redis, self.keys, settings.personal_maxlen)
         self.ephemeral = Ephemeral(self.redis, self.keys, settings.typing_interval_ms)
         self.unread = ReadMarkers(self.redis, self.keys)
+        self.pauses = PausePoints()
         self.sessions = Sessions(self)
         self.commands = Commands(self)
+        self.poller = Poller(self)
         self.ws = WsServer(self)
         self.flusher: Flusher | None = None
         self.fanout: Fanout = None  # type: ignore[assignment]  # built in run(), needs the loop
         self.draining = False
         self.redis_ok = False
         self._stop = asyncio.Event()
+        self.started = asyncio.Event()  # set once both servers listen (ports known)
         self.ws_port = 0
         self.http_port = 0
         self._tg: asyncio.TaskGroup | None = None
@@ -91,6 +98,7 @@ class Node:
         self._online_pending: dict[str, asyncio.Future[int]] = {}
         self._local_sessions: dict[str, tuple[str, str]] = {}  # WS session id -> (user id, name)
         self._control: dict[str, Any] = {}  # cluster server name -> client for CLIENT UNBLOCK
+        self.errors = ThrottledLog(log)
 
     # -- helpers used by the services -------------------------------------------------------
     @staticmethod
@@ -106,12 +114,12 @@ class Node:
         async def guarded() -> None:
             try:
                 await coro
-            except ChatError as exc:
-                log.warning("background job failed", extra={"job": what, "error": exc.code})
-            except Exception:
-                log.exception("background job failed", extra={"job": what})
+            except Exception as exc:
+                METRICS.background_errors.labels(task="job").inc()
+                self.errors.error(f"background job {what}", exc)
 
         if self._tg is None:
+            log.warning("background job dropped: the node is not running", extra={"job": what})
             coro.close()
             return
         self._tg.create_task(guarded(), name=what)
@@ -255,39 +263,56 @@ class Node:
                                "membership")
         self.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 
-    async def open_personal(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
-                            welcome: dict[str, Any]) -> list[bytes]:
-        """Subscribe the session to the user's personal stream; returns the replay frames and
-        sets ``welcome["personal"]``. Call with the sink held."""
-        user = identity.user
-        epoch, pdel, last_id = await self.personal.open(user)
+    def personal_topic(self, user: str, last_id: str, epoch: str) -> tuple[Topic, bool]:
+        """The user's personal topic on this node, created at ``last_id`` (the stream's newest
+        entry as Redis said, never a client's cursor) if the node does not read it yet.
+
+        Every creator (WebSocket session, long poll) gets the same topic with the same hook,
+        so membership changes always reach the user's sessions. Synchronous."""
         key = self.keys.user_inbox(user)
         topic = self.fanout.get(key)
-        if topic is None:
-            topic = self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
-                                                      epoch, self._after_personal))
-            await self.fanout.reader_of(topic).interrupt(key)
+        if topic is not None:
+            return topic, False
+        return self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
+                                                 epoch, self._after_personal)), True
+
+    async def join_personal(self, user: UserId, sub: Subscription) -> tuple[str, str, str]:
+        """Subscribe the session to the user's personal stream. Returns (epoch, delivered-up-to
+        marker, position ``P0`` where live delivery starts for this session)."""
+        epoch, pdel, last_id = await self.personal.open(user)
+        topic, is_new = self.personal_topic(user, last_id, epoch)
         topic.sinks.add(sub.sink)
         sub.topics["@personal"] = topic
         upto = topic.pos
+        if is_new:
+            await self.fanout.reader_of(topic).interrupt(topic.key)
+        return epoch, pdel, upto
+
+    async def replay_personal(self, user: UserId, hello: dict[str, Any], joined: tuple[str, str, str],
+                              welcome: dict[str, Any]) -> list[bytes]:
+        """The personal replay of a session (frames) and ``welcome["personal"]``.
+
+        After the client's cursor, or without one after the user's delivered-up-to marker, up to
+        ``P0``. At most CHAT_PERSONAL_MAXLEN events and a quarter of the outbound buffer: the
+        newest are kept (they matter most, and the cursor moves past all of them), and if any
+        were left out, or trimmed from the stream before they were delivered, ``recovered`` is
+        false."""
+        epoch, pdel, upto = joined
         cursor = parse_cursor(hello.get("personal"))
         recovered = True
         after = pdel
         if cursor is not None:
-            if cursor[0] == epoch:
+            if cursor[0] == epoch and stream_id_tuple(cursor[1]) <= stream_id_tuple(upto):
                 after = cursor[1]
-                first = await self.personal.first_id(user)
-                if first is not None and after != "0-0" and stream_id_tuple(first) > stream_id_tuple(after):
-                    recovered = False  # events after the cursor may have been trimmed
             else:
-                recovered = False
-        entries = await self.personal.range_after(user, after, upto, self.settings.personal_maxlen)
+                recovered = False  # another epoch, or a cursor from this stream's future
+        entries, complete = await self.personal.newest_between(user, after, upto, self.settings.personal_maxlen)
+        recovered = recovered and complete
         frames: list[bytes] = []
         for sid, fields in entries:
             payload = personal_payload(sid.decode(), fields)
             if payload is not None:
                 frames.append(ws_text_frame(payload))
-        # Bounded like the room replay (a quarter of the buffer): keep the newest events.
         budget, kept = self.settings.outbound_buffer_bytes // 4, 0
         for i in range(len(frames) - 1, -1, -1):
             kept += len(frames[i])
@@ -302,11 +327,20 @@ class Node:
 
     # -- presence ----------------------------------------------------------------------------
     async def session_started(self, caller: Caller, ttl_ms: int | None = None) -> None:
+        """Register a session in presence. A WebSocket session is a local session (kept alive by
+        this node's heartbeats) from before the first await, so that :meth:`session_ended`,
+        whenever it runs, removes it; if it ended while this ran, it is ended again here (the
+        end may have reached Redis before the start did)."""
+        ws = caller.transport == "ws"
+        if ws:
+            self._local_sessions[caller.session_id] = (caller.user, caller.identity.name)
         with redisio.unavailable_on_redis_errors("session"):
             await self.redis.pfadd(self.keys.general_members(), caller.user)
         first = await self.presence.start(caller.user, caller.identity.name, caller.session_id, ttl_ms)
-        if caller.transport == "ws":
-            self._local_sessions[caller.session_id] = (caller.user, caller.identity.name)
+        await self.pauses.point("presence.started")
+        if ws and caller.session_id not in self._local_sessions:
+            await self.presence.end(caller.user, caller.session_id)
+            return
         if first:
             self.spawn(self._announce_online(caller.user, caller.identity.name), "presence-online")
 
@@ -352,27 +386,28 @@ class Node:
         await self.ephemeral.presence(small, user, name, status)
 
     async def _heartbeats(self) -> None:
-        """Refresh every local session's TTL: O(1) Redis work per session, whatever its rooms."""
         interval = max(1.0, self.settings.presence_ttl / 3)
         while True:
             await asyncio.sleep(interval)
-            sessions = [(user, sid) for sid, (user, _) in self._local_sessions.items()]
             try:
-                missing = await self.presence.heartbeat(sessions)
-                METRICS.presence_heartbeats.inc(len(sessions))
-                # Sessions Redis no longer has although they are still open here: the node was
-                # stalled past the TTL (or Redis lost them) and the sweeper took the user
-                # offline. Start them again (announcing the user online if that is a transition).
-                # Ended sessions are never refreshed: the heartbeat only touches live entries.
-                for _, sid in missing:
-                    local = self._local_sessions.get(sid)
-                    if local is not None:
-                        caller = Caller(Identity(UserId(local[0]), local[1], 0.0), sid, "ws")
-                        await self.session_started(caller)
-                        if sid not in self._local_sessions:  # it closed meanwhile
-                            await self.presence.end(local[0], sid)
-            except ChatError:
-                pass
+                await self.heartbeat_once()
+            except ChatError as exc:
+                self.errors.error("heartbeat", exc)
+
+    async def heartbeat_once(self) -> None:
+        """Refresh every local session's TTL: O(1) Redis work per session, whatever its rooms."""
+        sessions = [(user, sid) for sid, (user, _) in self._local_sessions.items()]
+        missing = await self.presence.heartbeat(sessions)
+        METRICS.presence_heartbeats.inc(len(sessions))
+        # Sessions Redis no longer has although they are still open here: the node was stalled
+        # past the TTL (or Redis lost them) and the sweeper took the user offline. Start them
+        # again (announcing the user online if that is a transition). Ended sessions are never
+        # refreshed: the heartbeat only touches live entries, and session_started ends a session
+        # that closed while it ran.
+        for _, sid in missing:
+            local = self._local_sessions.get(sid)
+            if local is not None:
+                await self.session_started(Caller(Identity(UserId(local[0]), local[1], 0.0), sid, "ws"))
 
     async def _sweeper(self) -> None:
         """Users whose sessions all expired (their node died) go offline, announced once."""
@@ -482,6 +517,7 @@ class Node:
         window = self.settings.drain_seconds
         conns = list(self.ws.connections)
         log.info("draining", extra={"connections": len(conns), "window_s": window})
+        self.poller.wake_all()  # long polls answer now; their clients poll another node
         loop = asyncio.get_running_loop()
         for conn in conns:
             delay = random.uniform(0, window * 0.8) if window > 0 else 0.0
@@ -556,14 +592,17 @@ class Node:
                 socket_timeout=5, max_connections=8)
         return conn, control.client_unblock
 
-    async def run(self, announce: bool = True) -> None:
+    async def run(self, announce: bool = True, signals: bool = True) -> None:
+        """Run the node until :meth:`stop` (or a finished drain). ``signals=False`` leaves the
+        process's signal handlers alone (a node embedded in another program, or a test)."""
         settings = self.settings
         loop = asyncio.get_running_loop()
         METRICS.build_info.info({"version": __version__, "python": sys.version.split()[0],
                                  "node": settings.node_id})
         self.flusher = Flusher(loop)
         self.fanout = Fanout(settings, self.redis, self.flusher, self._make_reader_conn,
-                             self.check_epochs, self._ephemeral_topic)
+                             self.check_epochs, self._ephemeral_topic, keys=self.keys,
+                             room_encoder=self.encode_room_entry, pauses=self.pauses)
         await self._ensure_redis()
         # Summed at scrape time only: walking every connection twice a second costs real CPU
         # on a node holding tens of thousands of idle sockets.
@@ -571,20 +610,21 @@ class Node:
             lambda: float(sum(c.sub.sink.buffered_bytes() for c in list(self.ws.connections))))
         for sig, handler in ((signal.SIGTERM, lambda: loop.create_task(self.drain())),
                              (signal.SIGINT, self.stop)):
+            if not signals:
+                break
             try:
                 loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):
                 pass
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            tasks = [
-                tg.create_task(self.fanout.run(), name="fanout"),
-                tg.create_task(self._watch_redis(), name="watch-redis"),
-                tg.create_task(self._watch_loop_lag(), name="loop-lag"),
-                tg.create_task(self._heartbeats(), name="heartbeats"),
-                tg.create_task(self._sweeper(), name="presence-sweeper"),
-                tg.create_task(self._room_counts(), name="room-counts"),
-            ]
+            tasks = [tg.create_task(self.fanout.run(), name="fanout")]
+            # Each loop survives any failed iteration (Redis out of memory, read-only after a
+            # failover, gone): logged once per cause per interval, counted, retried.
+            for name, body in (("watch-redis", self._watch_redis), ("loop-lag", self._watch_loop_lag),
+                               ("heartbeats", self._heartbeats), ("presence-sweeper", self._sweeper),
+                               ("room-counts", self._room_counts)):
+                tasks.append(tg.create_task(supervise(name, body, self.errors), name=name))
             ws_server = await serve(
                 self.ws.handler, settings.host, settings.ws_port,
                 process_request=self.ws.process_request,
@@ -608,6 +648,7 @@ class Node:
                                          "auth": settings.auth})
             if settings.gc_freeze:
                 tune_gc()
+            self.started.set()
             if announce:
                 print(f"CHATCLUSTER READY node={settings.node_id} ws={self.ws_port} "
                       f"http={self.http_port}", flush=True)

@@ -77,4 +77,17 @@ class CloseCodes:
     PROTOCOL = 4502
     TOO_LARGE = 1009
     INTERNAL = 1011
+    TRY_AGAIN = 1013  # RFC 6455 "try again later": Redis unavailable while opening a session
     GOING_AWAY = 1001
+
+
+def close_code_of(exc: BaseException) -> int:
+    """The close code for a session that cannot go on because of ``exc`` (the one mapping used
+    by every path that closes for an error). Unknown errors are 1011 with no details."""
+    if isinstance(exc, Unavailable):
+        return CloseCodes.TRY_AGAIN
+    if isinstance(exc, Unauthorized):
+        return CloseCodes.UNAUTHORIZED
+    if isinstance(exc, RateLimited):
+        return CloseCodes.RATE_LIMITED
+    return CloseCodes.INTERNAL

@@ -28,10 +28,15 @@ from typing import Any
 from websockets.protocol import State
 
 from . import redisio
+from .keys import Keys
 from .metrics import METRICS
-from .protocol import stream_id_tuple, ws_text_frame
+from .pauses import PausePoints
+from .protocol import dumps, message_event, stream_id_tuple, ws_text_frame
+from .streams import RoomMeta, room_gap_event
+from .supervise import ThrottledLog
 
 log = logging.getLogger("chatcluster.fanout")
+_errors = ThrottledLog(log)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 # An encoder turns one stream entry into a frame payload, or (payload, user to skip) for events
@@ -41,6 +46,10 @@ Encoder = Callable[["Topic", str, dict[bytes, bytes]], "bytes | tuple[bytes, str
 
 async def _never_unblocked(client_id: int) -> bool:
     return False
+
+
+def _encode_message(topic: Topic, sid: str, fields: dict[bytes, bytes]) -> bytes:
+    return dumps(message_event(topic.name, sid, fields))
 
 
 class Flusher:
@@ -63,7 +72,17 @@ class Flusher:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
         for sink in dirty:
-            sink.flush()
+            try:
+                sink.flush()
+            except Exception as exc:
+                # One broken socket must not leave the sinks after it unflushed for ever (their
+                # pending frames would never be marked again): cut it off and go on.
+                METRICS.background_errors.labels(task="flush").inc()
+                _errors.error("flush", exc)
+                try:
+                    sink.overflow()
+                except Exception as again:
+                    _errors.error("flush-overflow", again)
 
 
 class Sink:
@@ -171,10 +190,10 @@ class Sink:
 class Topic:
     """A stream key this node reads because local sessions subscribe to it."""
 
-    __slots__ = ("key", "shard", "name", "pos", "sinks", "encoder", "epoch", "kind")
+    __slots__ = ("key", "shard", "name", "pos", "sinks", "encoder", "epoch", "kind", "seq", "meta")
 
     def __init__(self, key: str, shard: int, name: str, pos: str, encoder: Encoder,
-                 epoch: str, kind: str) -> None:
+                 epoch: str, kind: str, seq: int = -1, meta: RoomMeta | None = None) -> None:
         self.key = key
         self.shard = shard
         self.name = name  # room id, or user id for a personal stream
@@ -183,6 +202,11 @@ class Topic:
         self.encoder = encoder
         self.epoch = epoch
         self.kind = kind  # "room" or "personal"
+        # Room topics: the seq of the message at ``pos`` (-1: unknown). Messages carry
+        # consecutive seqs, so a jump means the reader fell behind the trimmed history and
+        # entries were lost between two reads: the sinks are told (recovered: false).
+        self.seq = seq
+        self.meta = meta
 
     def deliver(self, entries: list[Entry], now_ms: float) -> int:
         """Encode each entry once and queue it to every sink. Returns the deliveries made."""
@@ -193,6 +217,12 @@ class Topic:
             sid_t = stream_id_tuple(sid)
             if sid_t <= pos_t:
                 continue  # already delivered (the topic was re-created while a read was in flight)
+            seq_raw = fields.get(b"s")
+            if seq_raw is not None:
+                seq = int(seq_raw)
+                if 0 <= self.seq < seq - 1:
+                    self._gap()
+                self.seq = seq
             pos_t = sid_t
             self.pos = sid
             encoded = self.encoder(self, sid, fields)
@@ -212,6 +242,17 @@ class Topic:
             delivered += len(self.sinks)
             METRICS.delivery_latency.observe(max(0.0, now_ms - sid_t[0]) / 1000.0)
         return delivered
+
+    def _gap(self) -> None:
+        """Entries between ``pos`` and the next one were trimmed before this node read them."""
+        METRICS.reader_gaps.inc()
+        if self.meta is None:
+            return
+        log.warning("stream reader fell behind the trimmed history: entries lost to live delivery",
+                    extra={"shard": self.shard})
+        frame = ws_text_frame(dumps(room_gap_event(self.meta, self.pos)))
+        for sink in self.sinks:
+            sink.push(frame)
 
 
 # Readers per shard: rooms (and the shard's ephemeral stream) in one lane, personal streams in
@@ -289,6 +330,10 @@ class ShardReader:
                 if not streams:
                     continue  # the last topic went away while the connection was being opened
                 self.wake.clear()
+                await self.fanout.pauses.point("reader.before_read")
+                streams = {key: topic.pos for key, topic in self.topics.items()}
+                if not streams:
+                    continue
                 self.inflight = frozenset(streams)
                 try:
                     result = await self.conn.xread(streams, count=settings.read_count,
@@ -298,22 +343,18 @@ class ShardReader:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (*redisio.TRANSIENT, *redisio.TOPOLOGY) as exc:
+            except Exception as exc:
+                # Whatever Redis answered (gone, OOM, READONLY after a failover, a slot moved,
+                # a script error): this reader reconnects (re-resolving the slot's server) and
+                # goes on; it never ends the node.
                 self.failures += 1
                 METRICS.redis_errors.labels(op="xread").inc()
-                if self.healthy:
-                    log.warning("shard reader lost Redis", extra={"shard": self.shard, "error": type(exc).__name__})
+                if not isinstance(exc, (*redisio.TRANSIENT, *redisio.TOPOLOGY)):
+                    METRICS.background_errors.labels(task="shard-reader").inc()
+                _errors.error("shard reader", exc, shard=self.shard)
                 self.healthy = False
                 await self._drop_conn()
                 await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 2.0)
-                continue
-            except Exception:
-                self.failures += 1
-                log.exception("shard reader failed", extra={"shard": self.shard})
-                self.healthy = False
-                await self._drop_conn()
-                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             self.failures = 0
@@ -346,8 +387,13 @@ class Fanout:
     def __init__(self, settings: Any, redis: Any, flusher: Flusher,
                  make_reader_conn: Callable[[int, bool], Awaitable[tuple[Any, Callable[[int], Awaitable[Any]]]]],
                  on_epoch_check: Callable[[ShardReader], Any] | None = None,
-                 ephemeral: Callable[[int], Topic] | None = None) -> None:
+                 ephemeral: Callable[[int], Topic] | None = None, *,
+                 keys: Keys | None = None, room_encoder: Encoder | None = None,
+                 pauses: PausePoints | None = None) -> None:
         self.settings = settings
+        self.keys = keys if keys is not None else Keys(settings.shards)
+        self.room_encoder: Encoder = room_encoder if room_encoder is not None else _encode_message
+        self.pauses = pauses if pauses is not None else PausePoints()
         self.redis = redis
         self.flusher = flusher
         self.make_reader_conn = make_reader_conn
@@ -393,6 +439,16 @@ class Fanout:
             return topic, False
         return self.install(Topic(key, shard, name, pos, encoder, epoch, kind)), True
 
+    def add_room_topic(self, room: str, meta: RoomMeta) -> tuple[Topic, bool]:
+        """The topic of a room, created at the room's newest entry as ``meta`` says if this node
+        does not read it yet. Synchronous, like :meth:`add_topic`."""
+        key = self.keys.room_stream(room)
+        topic = self.topics.get(key)
+        if topic is not None:
+            return topic, False
+        return self.install(Topic(key, self.keys.room_shard(room), room, meta.last_id, self.room_encoder,
+                                  meta.epoch, "room", meta.seq, meta)), True
+
     def install(self, topic: Topic) -> Topic:
         """Register a topic built by the caller (a subclass); returns the one in force."""
         existing = self.topics.get(topic.key)
@@ -436,7 +492,13 @@ class Fanout:
             if topic is None or not entries:
                 continue
             entries_read += len(entries)
-            delivered += topic.deliver(entries, now_ms)
+            try:
+                delivered += topic.deliver(entries, now_ms)
+            except Exception as exc:
+                # A bug in one topic's encoding (or its hook) must not stop the others, nor the
+                # reader: the topic's position is past the entries it handled.
+                METRICS.background_errors.labels(task="fanout-dispatch").inc()
+                _errors.error("fan-out dispatch", exc, topic_kind=topic.kind)
             newest = max(newest, stream_id_tuple(topic.pos)[0])
         METRICS.entries_read.inc(entries_read)
         if delivered:

@@ -91,6 +91,10 @@ class Keys:
         """Hash: name, inbox epoch, personal cursor delivered last, last_seen."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:m"
 
+    def user_publish_dedupe(self, user: str, token: str) -> str:
+        """Dedupe key of one personal-stream publish (a retried command appends once)."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:pd:{token}"
+
     def user_sessions(self, user: str) -> str:
         """Sorted set session id -> expiry (ms): the user's live sessions on any node."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:s"

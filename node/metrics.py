@@ -30,8 +30,11 @@ SIZE_BUCKETS = (0, 1, 5, 10, 50, 100, 500, 1000, 5000)
 TRANSPORTS = ("ws", "poll")  # poll: HTTP polls in flight (long polls hold a request open)
 CLOSE_CODES = ("1000", "1001", "1006", "1009", "1011", "1013", "4001", "4002", "4003",
                "4500", "4501", "4502", "other")
-HANDSHAKE_REJECTIONS = ("origin", "draining", "full", "timeout", "auth")
+HANDSHAKE_REJECTIONS = ("origin", "draining", "full", "overloaded", "timeout", "auth", "unavailable", "error")
 PROTOCOL_ERRORS = ("binary", "malformed", "before_hello")
+# Background work that survived a failed iteration (node.supervise): task names are code literals.
+BACKGROUND_TASKS = ("heartbeats", "presence-sweeper", "room-counts", "watch-redis", "loop-lag",
+                    "shard-reader", "fanout-dispatch", "flush", "job")
 
 
 class Metrics:
@@ -46,6 +49,10 @@ class Metrics:
             "chatcluster_connections_closed_total", "Connections closed, by close code", ["code"], registry=r)
         self.hello_rejected = Counter(
             "chatcluster_handshakes_rejected_total", "Handshakes refused, by reason", ["reason"], registry=r)
+        self.hellos_in_progress = Gauge(
+            "chatcluster_hellos_in_progress",
+            "WebSocket handshakes admitted and not yet welcomed (bounded by CHAT_MAX_HELLOS_IN_PROGRESS)",
+            registry=r)
         self.messages_published = Counter(
             "chatcluster_messages_published_total", "Messages appended to room streams by this node", registry=r)
         self.messages_delivered = Counter(
@@ -98,6 +105,14 @@ class Metrics:
         self.draining = Gauge("chatcluster_draining", "1 while the node drains", registry=r)
         self.ready = Gauge(
             "chatcluster_ready", "1 while /readyz would answer 200 (sampled at scrape time)", registry=r)
+        self.reader_gaps = Counter(
+            "chatcluster_stream_reader_gaps_total",
+            "Times a shard reader found entries trimmed before it read them (clients told "
+            "recovered: false)", registry=r)
+        self.background_errors = Counter(
+            "chatcluster_background_errors_total",
+            "Failed iterations of background work (Redis refusing service, a bug), by task; "
+            "the task backs off and goes on", ["task"], registry=r)
         self.http_responses = Counter(
             "chatcluster_http_responses_total", "HTTP API responses, by status class", ["status"], registry=r)
         self._zero_fill()
@@ -120,6 +135,8 @@ class Metrics:
             self.polls.labels(result=result)
         self.rate_limited.labels(limit="commands")
         self.redis_errors.labels(op="xread")
+        for task in BACKGROUND_TASKS:
+            self.background_errors.labels(task=task)
         for status in ("2xx", "3xx", "4xx", "5xx"):
             self.http_responses.labels(status=status)
 

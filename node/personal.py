@@ -11,6 +11,7 @@ next login exactly once.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import orjson
@@ -21,11 +22,18 @@ from .protocol import stream_id_tuple
 from .redisio import unavailable_on_redis_errors
 from .streams import new_epoch
 
-# KEYS: inbox, user-meta.  ARGV: maxlen, json, new-epoch
+# KEYS: inbox, user-meta, dedupe-key.  ARGV: maxlen, json, new-epoch, dedupe ttl (s).
+# The dedupe key makes a publish retried after a lost connection (redisio.retry_policy) return
+# the first entry's id instead of appending the event twice.
 PUBLISH_LUA = """
+local prev = redis.call('GET', KEYS[3])
+if prev then return prev end
 if redis.call('HEXISTS', KEYS[2], 'pepoch') == 0 then redis.call('HSET', KEYS[2], 'pepoch', ARGV[3]) end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[2])
+redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+return id
 """
+PUBLISH_DEDUPE_TTL_S = 60
 
 # KEYS: inbox, user-meta.  ARGV: new-epoch.  Returns {epoch, pdel, last_id}
 OPEN_LUA = """
@@ -99,19 +107,23 @@ class PersonalStreams:
         self._open = redis.register_script(OPEN_LUA)
         self._delivered = redis.register_script(DELIVERED_LUA)
 
+    def _publish_call(self, user: str, payload: bytes) -> Any:
+        keys = self.keys
+        return self._publish(
+            keys=[keys.user_inbox(user), keys.user_meta(user), keys.user_publish_dedupe(user, secrets.token_hex(8))],
+            args=[self.maxlen, payload, new_epoch(), PUBLISH_DEDUPE_TTL_S])
+
     async def publish(self, user: str, event: dict[str, Any]) -> str:
         """Append an event (``type`` alert/room/unread...) to the user's personal stream."""
         with unavailable_on_redis_errors("personal"):
-            sid = await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
-                                      args=[self.maxlen, orjson.dumps(event), new_epoch()])
+            sid = await self._publish_call(user, orjson.dumps(event))
         return _s(sid)
 
     async def publish_many(self, users: list[str], event: dict[str, Any]) -> dict[str, str]:
         payload = orjson.dumps(event)
 
         async def one(user: str) -> Any:
-            return await self._publish(keys=[self.keys.user_inbox(user), self.keys.user_meta(user)],
-                                       args=[self.maxlen, payload, new_epoch()])
+            return await self._publish_call(user, payload)
 
         # Concurrent script calls rather than a pipeline: each user's keys are in its own slot.
         out: dict[str, str] = {}
@@ -140,6 +152,32 @@ class PersonalStreams:
             return []
         with unavailable_on_redis_errors("personal"):
             return await self.redis.xrange(self.keys.user_inbox(user), "(" + after, upto, count=limit)
+
+    async def newest_between(self, user: str, after: str, upto: str,
+                             limit: int) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], bool]:
+        """The newest ``limit`` entries strictly after ``after`` up to ``upto``, oldest first,
+        and whether that is all of them: False if more were waiting, or if entries after
+        ``after`` may have been trimmed from the stream before anyone got them."""
+        if stream_id_tuple(after) >= stream_id_tuple(upto):
+            return [], True
+        key = self.keys.user_inbox(user)
+        with unavailable_on_redis_errors("personal"):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xrevrange(key, upto, "(" + after, count=limit + 1)
+            pipe.xinfo_stream(key)
+            newest, info = await pipe.execute()
+        complete = len(newest) <= limit
+        entries = newest[:limit]
+        entries.reverse()
+        first = info.get("first-entry") if isinstance(info, dict) else None
+        added, length = info.get("entries-added"), info.get("length")
+        if first and added is not None and length is not None and int(added) > int(length):
+            # Entries were trimmed (the oldest go first): any after the marker were lost.
+            # The marker's own entry being the one just before the first retained one cannot be
+            # told apart from a loss: the answer is then conservatively "incomplete".
+            if stream_id_tuple(_s(first[0])) > stream_id_tuple(after):
+                complete = False
+        return entries, complete
 
     async def first_id(self, user: str) -> str | None:
         with unavailable_on_redis_errors("personal"):

@@ -23,10 +23,11 @@ from .auth import Identity
 from .errors import BadRequest, RateLimited
 from .fanout import Topic
 from .metrics import METRICS
-from .personal import PersonalTopic, personal_payload
+from .personal import personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
 from .resume import ReplayPlan, plan_replay
-from .session import parse_cursors, room_summary
+from .session import parse_cursors
+from .streams import room_summary
 
 if TYPE_CHECKING:
     from .app import Node
@@ -55,6 +56,7 @@ class Collected:
     personal: dict[str, str] = field(default_factory=dict)
     recovered: dict[str, bool] = field(default_factory=dict)
     personal_recovered: bool = True
+    personal_last: str = "0-0"  # the personal stream's newest id when collected
     metas: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +88,7 @@ class Poller:
         # Long polls waiting on this node, per user (CHAT_MAX_POLLS_PER_USER): each holds a
         # request, a waiter on the user's topics and up to 25 s of the node's attention.
         self.waiting: Counter[str] = Counter()
+        self._waiters: set[PollWaiter] = set()
 
     async def collect(self, identity: Identity, raw_cursors: Any, raw_personal: Any,
                       limit_per_room: int) -> Collected:
@@ -98,6 +101,13 @@ class Poller:
         user = identity.user
         out = Collected()
         cursors = parse_cursors(raw_cursors)
+        # The personal stream first, then the rooms (as for a WebSocket session): a membership
+        # change is written before its personal event, so a room added by an event of this
+        # response is in the rooms read below, and starts where the event says it did.
+        personal_events = await self._collect_personal(user, raw_personal, out)
+        added_at = {e["room"]["id"]: e["room"].get("last_id") or "0-0" for e in personal_events
+                    if e.get("type") == "room" and e.get("change") == "added"
+                    and isinstance(e.get("room"), dict) and isinstance(e["room"].get("id"), str)}
         rooms = await node.rooms.user_rooms(user)
         metas = await node.sessions.room_metas(rooms)
         out.metas = metas
@@ -106,6 +116,9 @@ class Poller:
         remaining = limit_per_room
         for room, meta in metas.items():
             cursor = cursors.get(room)
+            if cursor is None and room in added_at:
+                # Joined since the last poll: the messages since the invitation are part of it.
+                cursor = (meta.epoch, added_at[room])
             if cursor is None:
                 out.cursors[room] = {"epoch": meta.epoch, "id": meta.last_id}
                 continue
@@ -133,27 +146,34 @@ class Poller:
                 out.events.append(message_event(room, last, fields))
             out.cursors[room] = {"epoch": meta.epoch, "id": last}
 
+        out.events.extend(personal_events)
+        return out
+
+    async def _collect_personal(self, user: str, raw_personal: Any, out: Collected) -> list[dict[str, Any]]:
+        """Personal events after the poll's personal cursor (oldest first, paged: the cursor
+        moves to the last one returned). Sets ``out.personal`` and ``out.personal_last``."""
+        node = self.node
         epoch, pdel, last_id = await node.personal.open(user)
+        out.personal_last = last_id
         pcursor = parse_cursor(raw_personal)
         after = pdel
         if pcursor is not None:
-            if pcursor[0] == epoch:
+            if pcursor[0] == epoch and stream_id_tuple(pcursor[1]) <= stream_id_tuple(last_id):
                 after = pcursor[1]
             else:
-                out.personal_recovered = False
+                out.personal_recovered = False  # another epoch, or a cursor from the future
         entries = await node.personal.range_after(user, after, last_id, node.settings.personal_maxlen)
+        events: list[dict[str, Any]] = []
         newest = after
         for sid, fields in entries:
             payload = personal_payload(sid.decode(), fields)
             newest = sid.decode()
             if payload is not None:
-                out.events.append(orjson.loads(payload))
+                events.append(orjson.loads(payload))
         if entries:
             await node.personal.mark_delivered(user, newest)
         out.personal = {"epoch": epoch, "id": newest}
-        # A room the user was added to shows up here as a new cursor; its `room` event
-        # (personal stream) tells the client about it.
-        return out
+        return events
 
     async def wait(self, identity: Identity, collected: Collected, wait_ms: int) -> None:
         """Block until an entry arrives on any of the user's streams, or ``wait_ms`` passes.
@@ -166,26 +186,25 @@ class Poller:
         waiter = PollWaiter(identity.user)
         joined: list[Topic] = []
         fresh: list[Topic] = []
+        self._waiters.add(waiter)
         try:
+            # Topics this node does not read yet start where Redis says the stream ends (as
+            # collected), never at a client's cursor: a cursor from the future would make the
+            # node skip entries for every other session of the topic.
             for room, cursor in collected.cursors.items():
                 meta = collected.metas.get(room)
                 if meta is None:
                     continue
-                key = node.keys.room_stream(room)
-                topic, is_new = node.fanout.add_topic(key, node.keys.room_shard(room), room, cursor["id"],
-                                                      node.encode_room_entry, meta.epoch, "room")
+                topic, is_new = node.fanout.add_room_topic(room, meta)
                 topic.sinks.add(waiter)  # type: ignore[arg-type]
                 joined.append(topic)
                 if is_new:
                     fresh.append(topic)
                 if stream_id_tuple(topic.pos) > stream_id_tuple(cursor["id"]):
                     waiter.event.set()
-            pkey = node.keys.user_inbox(identity.user)
-            ptopic = node.fanout.get(pkey)
-            if ptopic is None:
-                ptopic = node.fanout.install(PersonalTopic(
-                    pkey, node.keys.user_shard(identity.user), identity.user, collected.personal["id"],
-                    collected.personal["epoch"], lambda topic, entries: None))
+            ptopic, is_new = node.personal_topic(identity.user, collected.personal_last,
+                                                 collected.personal["epoch"])
+            if is_new:
                 fresh.append(ptopic)
             ptopic.sinks.add(waiter)  # type: ignore[arg-type]
             joined.append(ptopic)
@@ -193,14 +212,20 @@ class Poller:
                 waiter.event.set()
             for topic in fresh:
                 await node.fanout.reader_of(topic).interrupt(topic.key)
-            if not waiter.event.is_set():
+            if not waiter.event.is_set() and not node.draining:
                 try:
                     await asyncio.wait_for(waiter.event.wait(), wait_ms / 1000.0)
                 except TimeoutError:
                     pass
         finally:
+            self._waiters.discard(waiter)
             for topic in joined:
                 node.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
+
+    def wake_all(self) -> None:
+        """Answer every waiting long poll now (the node is draining)."""
+        for waiter in list(self._waiters):
+            waiter.event.set()
 
     async def poll(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
         node = self.node

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
-from .errors import Unavailable
+from .errors import Internal, Unavailable
 from .metrics import METRICS
 
 # Errors that mean "Redis is not reachable right now" rather than "the command is wrong".
@@ -32,8 +34,31 @@ Redis = aioredis.Redis | RedisCluster
 TOPOLOGY = (rexc.MovedError, rexc.AskError, rexc.ReadOnlyError)
 
 
+# Error replies that mean "Redis cannot serve this now" rather than "this command is wrong":
+# out of memory (maxmemory with noeviction), a failed background save (MISCONF), a replica after
+# a failover (READONLY), a script running too long (BUSY), loading, cluster trouble. A request
+# gets `unavailable`; a background loop backs off and tries again.
+UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "BUSY", "LOADING", "MASTERDOWN",
+                       "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "NOSCRIPT")
+
+
 def is_cluster_url(url: str) -> bool:
     return url.startswith("redis+cluster://")
+
+
+def retry_policy() -> Retry:
+    """Retries of a command whose connection failed (a Redis restart leaves every pooled socket
+    dead; a failover moves the server): three more tries within about half a second.
+
+    Why retrying is safe here: every write the node makes is idempotent or deduplicated in Redis.
+    Sets, hashes and sorted sets are written with SADD/HSET/ZADD (the same result twice); the
+    read-marker script only moves forward; the append script dedupes on its ``cmid`` key, which
+    the node makes up when the client gave none; personal events carry a dedupe token the same
+    way. A typing or presence event may in the worst case be published twice; both are
+    ephemeral and idempotent for a client (an indicator, a status).
+    """
+    return Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), 3,
+                 (rexc.ConnectionError, rexc.TimeoutError))
 
 
 def connect(url: str, *, max_connections: int = 256) -> Any:
@@ -41,14 +66,27 @@ def connect(url: str, *, max_connections: int = 256) -> Any:
     if is_cluster_url(url):
         return RedisCluster.from_url(
             "redis://" + url[len("redis+cluster://"):],
-            max_connections=max_connections,
+            max_connections=max_connections, retry=retry_policy(), socket_connect_timeout=2,
+            socket_timeout=5, health_check_interval=10, socket_keepalive=True,
         )
     # A blocking pool: a burst of commands waits for a free connection instead of failing.
+    # The health check pings a connection that sat idle for 10 s before reusing it, so a socket
+    # a restarted Redis left dead is noticed before a command is written to it.
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=5, socket_connect_timeout=2,
-        health_check_interval=15, socket_keepalive=True,
+        socket_timeout=5, health_check_interval=10, socket_keepalive=True, retry=retry_policy(),
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def unavailable_reply(exc: BaseException) -> bool:
+    """An error reply meaning Redis cannot serve now (see :data:`UNAVAILABLE_REPLIES`)."""
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith(UNAVAILABLE_REPLIES)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Redis is unreachable or refuses service for now: retry later, it is nobody's bug."""
+    return isinstance(exc, TRANSIENT) or unavailable_reply(exc) or isinstance(exc, Unavailable)
 
 
 def connect_server(host: str, port: int, block_ms: int, password: str | None = None) -> aioredis.Redis:
@@ -93,14 +131,11 @@ def unavailable_on_redis_errors(op: str = "command") -> Iterator[None]:
         raise Unavailable("Redis is unreachable, retry shortly") from exc
     except rexc.ResponseError as exc:
         errors.inc()
-        if "LOADING" in str(exc) or "MASTERDOWN" in str(exc) or "CLUSTERDOWN" in str(exc):
-            raise Unavailable("Redis is not ready, retry shortly") from exc
-        raise
+        if unavailable_reply(exc):
+            raise Unavailable("Redis refuses service for now, retry shortly") from exc
+        raise Internal("internal error") from exc
+    except rexc.RedisError as exc:
+        errors.inc()
+        raise Internal("internal error") from exc
     finally:
         latency.observe(time.perf_counter() - start)
-
-
-@contextlib.asynccontextmanager
-async def timed(op: str) -> AsyncIterator[None]:
-    with unavailable_on_redis_errors(op):
-        yield

@@ -18,7 +18,7 @@ from .keys import RoomId, UserId
 from .metrics import METRICS
 from .protocol import dumps, message_event, parse_cursor, ws_text_frame
 from .resume import plan_replay
-from .streams import RoomMeta
+from .streams import RoomMeta, room_gap_event
 
 if TYPE_CHECKING:
     from .app import Node
@@ -34,12 +34,7 @@ class Subscription:
     topics: dict[str, Topic] = field(default_factory=dict)  # room id -> topic
     # Serialises membership changes of this session (join/leave/invite events may race).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-def room_summary(meta: RoomMeta, last_id: str, unread: int, members: int, online: int) -> dict[str, Any]:
-    return {"id": meta.room, "name": meta.name, "kind": meta.kind, "epoch": meta.epoch,
-            "last_id": last_id, "seq": meta.seq, "unread": unread,
-            "members": members, "online": online}
+    closed: bool = False  # set when the connection ends: nothing may subscribe it again
 
 
 def parse_cursors(raw: Any) -> dict[str, tuple[str, str]]:
@@ -69,109 +64,124 @@ class Sessions:
 
     async def open_ws(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
                       session_id: str) -> None:
-        """Subscribe ``sub`` to the user's rooms, write ``welcome`` and the replay, go live."""
+        """Subscribe ``sub`` to the user's rooms, write ``welcome`` and the replay, go live.
+
+        Order matters. The personal stream is joined first, at position ``P0``; the user's rooms
+        are read after that. A membership change (invitation, new DM, kick) writes the membership
+        before it publishes its personal event, so it is either in the rooms read here or its
+        event comes after ``P0`` and reaches this session live, where it is applied
+        (:meth:`reconcile_room`) once the session is open: the session's lock is held until then.
+        """
         node = self.node
-        cursors = parse_cursors(hello.get("cursors"))
-        rooms = await node.rooms.user_rooms(identity.user)
-        metas = await self.room_metas(rooms)
-        fanout = node.fanout
-        new_rooms = [r for r in metas if fanout.get(node.keys.room_stream(r)) is None]
-        last_ids = await node.streams.last_ids(new_rooms)
-
-        # --- synchronous: join every topic and note where live delivery starts -------------
+        pauses = node.pauses
         sink = sub.sink
-        sink.hold()
-        positions: dict[str, str] = {}
-        created: list[Topic] = []
-        for room, meta in metas.items():
-            key = node.keys.room_stream(room)
-            topic, is_new = fanout.add_topic(
-                key, node.keys.room_shard(room), room, last_ids.get(room, "0-0"),
-                node.encode_room_entry, meta.epoch, "room")
-            topic.sinks.add(sink)
-            sub.topics[room] = topic
-            positions[room] = topic.pos
-            if is_new:
-                created.append(topic)
-        # -------------------------------------------------------------------------------------
-        if created:
-            await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in created))
+        async with sub.lock:
+            sink.hold()
+            try:
+                personal = await node.join_personal(identity.user, sub)
+                rooms = await node.rooms.user_rooms(identity.user)
+                metas = await self.room_metas(rooms)
+                await pauses.point("session.rooms_read")
+                if sub.closed:
+                    return
+                cursors = parse_cursors(hello.get("cursors"))
+                fanout = node.fanout
 
-        recovered: dict[str, bool] = {}
-        replay_frames: list[bytes] = []
-        # The replay goes through the connection's bounded buffer: past this budget, further
-        # rooms get `recovered: false` (reload with history) instead of a replay that would
-        # overflow the buffer and cut the client off as slow, again at every reconnect.
-        budget = node.settings.outbound_buffer_bytes // 2
-        for room, (epoch, cursor_id) in cursors.items():
-            room_meta = metas.get(room)
-            room_topic = sub.topics.get(room)
-            if room_meta is None or room_topic is None:
-                continue  # not a room of this user: no replay, and no hint that it exists
-            upto = positions[room]
-            entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
-                if epoch == room_topic.epoch else []
-            plan = plan_replay(epoch, room_topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
-            frames = [ws_text_frame(dumps(message_event(room, sid.decode(), fields)))
-                      for sid, fields in plan.entries]
-            size = sum(len(f) for f in frames)
-            ok = plan.recovered and size <= budget
-            recovered[room] = ok
-            METRICS.resumes.labels(recovered=str(ok).lower()).inc()
-            if ok:
-                budget -= size
-                replay_frames.extend(frames)
-                METRICS.replay_messages.observe(len(frames))
+                # --- synchronous: join every topic and note where live delivery starts ---------
+                # A topic this node does not read yet starts at the room's newest entry as the
+                # metadata just read says (never at 0-0: that would replay all history live).
+                positions: dict[str, str] = {}
+                created: list[Topic] = []
+                for room, meta in metas.items():
+                    topic, is_new = fanout.add_room_topic(room, meta)
+                    topic.sinks.add(sink)
+                    sub.topics[room] = topic
+                    positions[room] = topic.pos
+                    if is_new:
+                        created.append(topic)
+                # ---------------------------------------------------------------------------------
+                if created:
+                    await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in created))
 
-        summaries = await node.room_summaries(identity.user, metas, positions)
-        welcome = {
-            "type": "welcome",
-            "user": {"id": identity.user, "name": identity.name},
-            "node": node.settings.node_id,
-            "session": session_id,
-            "server_time": node.now_ms(),
-            "rooms": summaries,
-            "recovered": recovered,
-            "limits": node.settings.public_limits(),
-        }
-        personal_frames = await node.open_personal(identity, hello, sub, welcome)
-        sink.push_now(ws_text_frame(dumps(welcome)))
-        for frame in replay_frames:
-            sink.push_now(frame)
-        for frame in personal_frames:
-            sink.push_now(frame)
-        sink.release()
+                recovered: dict[str, bool] = {}
+                replay_frames: list[bytes] = []
+                # The replay goes through the connection's bounded buffer: past this budget,
+                # further rooms get `recovered: false` (reload with history) instead of a replay
+                # that would overflow the buffer and cut the client off as slow, again at every
+                # reconnect.
+                budget = node.settings.outbound_buffer_bytes // 2
+                for room, (epoch, cursor_id) in cursors.items():
+                    room_meta = metas.get(room)
+                    room_topic = sub.topics.get(room)
+                    if room_meta is None or room_topic is None:
+                        continue  # not a room of this user: no replay, and no hint that it exists
+                    upto = positions[room]
+                    entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
+                        if epoch == room_topic.epoch else []
+                    plan = plan_replay(epoch, room_topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
+                    frames = [ws_text_frame(dumps(message_event(room, sid.decode(), fields)))
+                              for sid, fields in plan.entries]
+                    size = sum(len(f) for f in frames)
+                    ok = plan.recovered and size <= budget
+                    recovered[room] = ok
+                    METRICS.resumes.labels(recovered=str(ok).lower()).inc()
+                    if ok:
+                        budget -= size
+                        replay_frames.extend(frames)
+                        METRICS.replay_messages.observe(len(frames))
+
+                summaries = await node.summaries(identity.user, metas, positions)
+                welcome = {
+                    "type": "welcome",
+                    "user": {"id": identity.user, "name": identity.name},
+                    "node": node.settings.node_id,
+                    "session": session_id,
+                    "server_time": node.now_ms(),
+                    "rooms": summaries,
+                    "recovered": recovered,
+                    "limits": node.settings.public_limits(),
+                }
+                personal_frames = await node.replay_personal(identity.user, hello, personal, welcome)
+                sink.push_now(ws_text_frame(dumps(welcome)))
+                for frame in replay_frames:
+                    sink.push_now(frame)
+                for frame in personal_frames:
+                    sink.push_now(frame)
+            finally:
+                sink.release()
 
     async def subscribe_room(self, sub: Subscription, room: str, start: str | None) -> str:
-        """Add a room to a live session (after join/invite/dm, on any node).
+        """Add a room to a live session (after join/invite/dm, on any node). Call with
+        ``sub.lock`` held.
 
         Live delivery starts after the topic's position ``P``; with ``start`` the entries in
-        ``(start, P]`` are replayed first, so a membership learnt late opens no gap. Returns
+        ``(start, P]`` are replayed first, so a membership learnt late opens no gap (or, if the
+        gap is past what can be replayed, the client is told ``recovered: false``). Returns
         ``P``, the room's ``last_id`` as far as this session is concerned.
         """
         node = self.node
         if room in sub.topics:
             return sub.topics[room].pos
         meta = await node.streams.meta(room)
-        if meta is None:
+        if meta is None or sub.closed:
             return "0-0"
-        key = node.keys.room_stream(room)
-        last = None if node.fanout.get(key) else (await node.streams.last_ids([room]))[room]
         sink = sub.sink
         sink.hold()
         try:
             if room in sub.topics or sink.closed:
                 return sub.topics[room].pos if room in sub.topics else "0-0"
-            topic, is_new = node.fanout.add_topic(key, node.keys.room_shard(room), room, last or "0-0",
-                                                  node.encode_room_entry, meta.epoch, "room")
+            topic, is_new = node.fanout.add_room_topic(room, meta)
             topic.sinks.add(sink)
             sub.topics[room] = topic
             upto = topic.pos
             if is_new:
-                await node.fanout.reader_of(topic).interrupt(key)
+                await node.fanout.reader_of(topic).interrupt(topic.key)
             if start is not None and start != upto:
                 entries = await node.streams.replay_range(room, start, upto, node.settings.replay_limit)
                 plan = plan_replay(meta.epoch, topic.epoch, start, upto, entries, node.settings.replay_limit)
+                if not plan.recovered:
+                    # Too much to replay (or trimmed): say so, the client reloads with history.
+                    sink.push_now(ws_text_frame(dumps(room_gap_event(meta, upto))))
                 for sid, fields in plan.entries:
                     sink.push_now(ws_text_frame(dumps(message_event(room, sid.decode(), fields))))
             return upto
@@ -183,13 +193,23 @@ class Sessions:
 
         Membership events can arrive late or out of step with the session's own commands;
         checking the source of truth under the session's lock makes their order irrelevant.
+        A session closed meanwhile is left alone (re-subscribing its dead sink would make the
+        node read that room for ever).
         """
-        async with sub.lock:
-            member = await self.node.rooms.is_member(user, room)
-            if member and room not in sub.topics:
-                await self.subscribe_room(sub, room, start)
-            elif not member and room in sub.topics:
-                self.unsubscribe_room(sub, room)
+        try:
+            async with sub.lock:
+                if sub.closed:
+                    return
+                member = await self.node.rooms.is_member(user, room)
+                await self.node.pauses.point("reconcile.checked")
+                if sub.closed:
+                    return
+                if member and room not in sub.topics:
+                    await self.subscribe_room(sub, room, start)
+                elif not member and room in sub.topics:
+                    self.unsubscribe_room(sub, room)
+        finally:
+            await self.node.pauses.point("reconcile.done")
 
     def unsubscribe_room(self, sub: Subscription, room: str) -> None:
         topic = sub.topics.pop(room, None)
@@ -197,6 +217,7 @@ class Sessions:
             self.node.fanout.unsubscribe(topic, sub.sink)
 
     def close_ws(self, sub: Subscription) -> None:
+        sub.closed = True
         for topic in list(sub.topics.values()):
             self.node.fanout.unsubscribe(topic, sub.sink)
         sub.topics.clear()

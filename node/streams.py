@@ -11,23 +11,30 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from .durable import DurableAppend
 from .errors import NotFound
 from .keys import Keys, RoomId, StreamId
 from .protocol import stream_id_tuple
 from .redisio import unavailable_on_redis_errors
 
-# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid ('' = none), kind, cmid_ttl,
-# max_age_ms (0 = off). Age trimming is relative to the new entry's id (Redis's clock, like the
+# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
+# max_age_ms (0 = off), '1' if the cmid is the client's ('' if the node made it up).
+# Age trimming is relative to the new entry's id (Redis's clock, like the
 # ids), so a node's clock never decides what is old. XADD takes one trim strategy, hence XTRIM.
+# Every append carries a dedupe key: the client's cmid, or one the node made up, so that a
+# command retried after a lost connection (see redisio.retry_policy) never appends twice.
+# A repeated cmid rewrites its key's expiry (see node.durable: CHAT_REDIS_WAIT_REPLICAS).
 APPEND_LUA = """
-if ARGV[5] ~= '' then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {0, prev} end
+local prev = redis.call('GET', KEYS[3])
+if prev then
+  -- A write replicated after the first append: a WAIT that follows covers that append too.
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+  return {0, prev}
 end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {-1, ''} end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local fields = {'f', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 's', seq}
-if ARGV[5] ~= '' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
+if ARGV[9] == '1' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = ARGV[6] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
 local max_age = tonumber(ARGV[8])
@@ -36,9 +43,7 @@ if max_age > 0 then
   if cut > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', cut)) end
 end
 redis.call('HSET', KEYS[2], 'last_id', id)
-if ARGV[5] ~= '' then
-  redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
-end
+redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
 return {1, id .. ' ' .. seq}
 """
 
@@ -50,6 +55,9 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'kind', ARGV[2], 'name', ARGV[3],
            'owner', ARGV[4], 'created', ARGV[5], 'seq', 0, 'last_id', '0-0')
 return ARGV[1]
 """
+
+# How long a node-made dedupe key lives: longer than any retry of the command that wrote it.
+RETRY_DEDUPE_TTL_S = 60
 
 META_FIELDS = ("epoch", "kind", "name", "owner", "seq", "last_id")
 
@@ -74,10 +82,24 @@ class Appended:
     id: StreamId
     seq: int
     duplicate: bool
+    # CHAT_REDIS_WAIT_REPLICAS > 0: whether that many replicas confirmed the append (None: off).
+    durable: bool | None = None
 
     @property
     def ts(self) -> int:
         return int(self.id.partition("-")[0])
+
+
+def room_summary(meta: RoomMeta, last_id: str, unread: int, members: int, online: int) -> dict[str, Any]:
+    return {"id": meta.room, "name": meta.name, "kind": meta.kind, "epoch": meta.epoch,
+            "last_id": last_id, "seq": meta.seq, "unread": unread,
+            "members": members, "online": online}
+
+
+def room_gap_event(meta: RoomMeta, last_id: str) -> dict[str, Any]:
+    """Tells a client that it missed messages of a room it cannot be given: reload with history."""
+    return {"type": "room", "change": "updated", "recovered": False,
+            "room": room_summary(meta, last_id, 0, 0, 0)}
 
 
 def _s(value: Any) -> str:
@@ -88,13 +110,15 @@ class RoomStreams:
     """Room data access for one node. Never holds state of its own besides the script handles."""
 
     def __init__(self, redis: Any, keys: Keys, *, maxlen: int, cmid_ttl_s: int,
-                 max_age_s: float = 0.0) -> None:
+                 max_age_s: float = 0.0, wait_replicas: int = 0) -> None:
         self.redis = redis
         self.keys = keys
         self.maxlen = maxlen
         self.max_age_ms = int(max_age_s * 1000)  # CHAT_HISTORY_MAX_AGE; 0: no age trimming
         self.cmid_ttl_s = cmid_ttl_s
         self._append = redis.register_script(APPEND_LUA)
+        # CHAT_REDIS_WAIT_REPLICAS: appends followed by WAIT on their connection (node.durable).
+        self._durable = DurableAppend(redis, self._append, wait_replicas) if wait_replicas > 0 else None
         self._ensure = redis.register_script(ENSURE_ROOM_LUA)
 
     async def ensure_room(self, room: str, kind: str, name: str, owner: str = "", created_ms: int = 0) -> str:
@@ -132,22 +156,29 @@ class RoomStreams:
 
     async def append(self, room: str, user: str, name: str, text: str, cmid: str | None,
                      kind: str = "") -> Appended:
-        """Append one message; a repeated ``cmid`` returns the first result and appends nothing."""
+        """Append one message; a repeated ``cmid`` returns the first result and appends nothing.
+
+        Without a client ``cmid`` the node makes one up (kept briefly, never shown to clients):
+        the pool retries a command whose connection broke, and the retry must not append twice.
+        """
+        own = cmid or "~" + secrets.token_hex(8)
         keys = [
             self.keys.room_stream(room),
             self.keys.room_meta(room),
-            self.keys.room_cmid(room, user, cmid or "-"),
+            self.keys.room_cmid(room, user, own),
         ]
+        args = [self.maxlen, user, name, text, own, kind,
+                self.cmid_ttl_s if cmid else RETRY_DEDUPE_TTL_S, self.max_age_ms, "1" if cmid else ""]
+        durable: bool | None = None
         with unavailable_on_redis_errors("append"):
-            status, payload = await self._append(
-                keys=keys,
-                args=[self.maxlen, user, name, text, cmid or "", kind, self.cmid_ttl_s,
-                      self.max_age_ms],
-            )
+            if self._durable is None:
+                status, payload = await self._append(keys=keys, args=args)
+            else:
+                (status, payload), durable = await self._durable(keys, args)
         if int(status) == -1:
             raise NotFound("no such room")
         sid, _, seq = _s(payload).partition(" ")
-        return Appended(StreamId(sid), int(seq), duplicate=int(status) == 0)
+        return Appended(StreamId(sid), int(seq), duplicate=int(status) == 0, durable=durable)
 
     async def last_ids(self, rooms: list[str]) -> dict[str, StreamId]:
         """The newest entry id of each room's stream (``0-0`` if empty), one pipeline."""

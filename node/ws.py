@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from http import HTTPStatus
@@ -32,6 +33,7 @@ from .errors import (
     TooLarge,
     Unauthorized,
     Unavailable,
+    close_code_of,
     error_body,
 )
 from .fanout import Sink
@@ -118,13 +120,17 @@ class WsServer:
         # handshakes cannot all pass before any handler runs) until its handler ends.
         self.ip_counts = Counts()
         self._handshaking: dict[ServerConnection, str] = {}
+        # Admission control: handshakes admitted by process_request whose welcome has not been
+        # sent yet (removed when it is, or when the connection ends).
+        self.hellos: set[ServerConnection] = set()
+        METRICS.hellos_in_progress.set_function(lambda: float(len(self.hellos)))
         # create_room per user, per node; shared with the HTTP API's /api/v1/command.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
         self.penalty = PenaltyBox(s.abuse_closes_max, s.abuse_window_s, s.abuse_penalty_s)
 
     # -- handshake --------------------------------------------------------------------------
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        """Refuse the upgrade early: wrong path, foreign origin, draining, or full."""
+        """Refuse the upgrade early: wrong path, foreign origin, draining, full, or overloaded."""
         settings = self.node.settings
         path = request.path.split("?", 1)[0]
         if path not in ("/ws", "/"):
@@ -153,8 +159,19 @@ class WsServer:
             response = ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n")
             response.headers["Retry-After"] = "10"
             return response
+        # Admission control: while hellos queue (too many admitted handshakes still waiting for
+        # their welcome, or a lagging event loop), refuse at once rather than let every welcome
+        # take seconds; the Retry-After is jittered so the refused do not come back together.
+        lag_bound = settings.admission_max_lag_ms
+        if ((settings.max_hellos_in_progress and len(self.hellos) >= settings.max_hellos_in_progress)
+                or (lag_bound and self.node.loop_lag * 1000.0 > lag_bound)):
+            METRICS.hello_rejected.labels(reason="overloaded").inc()
+            response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded, retry later\n")
+            response.headers["Retry-After"] = str(random.randint(1, settings.admission_retry_after_s))
+            return response
         self.ip_counts.add(ip)
         self._handshaking[ws] = ip
+        self.hellos.add(ws)
         return None
 
     def _forget_failed_handshakes(self) -> None:
@@ -166,6 +183,7 @@ class WsServer:
             if ws.state is State.CLOSED:
                 del self._handshaking[ws]
                 self.ip_counts.remove(ip)
+                self.hellos.discard(ws)
 
     def check_create_room(self, user: str) -> None:
         """CHAT_CREATE_ROOM_PER_MIN per user and node; raises ``rate_limited``."""
@@ -196,13 +214,14 @@ class WsServer:
                 await self._serve(conn)
         except ConnectionClosed:
             pass
-        except Exception:
-            log.exception("connection handler failed", extra={"conn": conn.id})
-            conn.close_soon(CloseCodes.INTERNAL, "internal error")
+        except Exception as exc:
+            node.errors.error("connection handler", exc, conn=conn.id)
+            conn.close_soon(close_code_of(exc), "internal error")
         finally:
             # Before any await: the address must be in the penalty box by the time the client,
             # having seen our close frame, can reconnect.
             recorded = self._record_abuse(conn)
+            self.hellos.discard(ws)
             conn.cancel_token_timers()
             if conn.ip:
                 self.ip_counts.remove(conn.ip)
@@ -291,21 +310,25 @@ class WsServer:
                 log.info("hello refused", extra={"conn": conn.id, "reason": exc.message})
                 await ws.close(CloseCodes.UNAUTHORIZED, exc.message[:100])
                 return False
-            if not await self._user_has_room(conn, identity, ref):
-                return False
-            conn.caller = Caller(identity, conn.id, "ws", {"conn": conn})
-            conn.sub.sink.owner = identity.user
-            conn.sub.sink.session = conn.id
-            conn.bucket = TokenBucket(node.settings.rate_per_s, node.settings.rate_burst)
             try:
+                if not await self._user_has_room(conn, identity, ref):
+                    return False
+                conn.caller = Caller(identity, conn.id, "ws", {"conn": conn})
+                conn.sub.sink.owner = identity.user
+                conn.sub.sink.session = conn.id
+                conn.bucket = TokenBucket(node.settings.rate_per_s, node.settings.rate_burst)
                 await node.session_started(conn.caller)
                 await node.sessions.open_ws(identity, frame, conn.sub, conn.id)
-            except ChatError as exc:
+            except Exception as exc:
+                # Redis refusing service (down, restarting, out of memory) gives `unavailable`
+                # and 1013: the client retries with backoff. Anything else: 1011, no details.
+                METRICS.hello_rejected.labels(reason="unavailable" if isinstance(exc, Unavailable) else "error").inc()
+                node.errors.error("hello", exc)
                 self._reply(conn, protocol.reply_error(ref, error_body(exc)))
-                code = 1013 if isinstance(exc, Unavailable) else CloseCodes.INTERNAL
-                conn.close_soon(code, exc.code)
+                conn.close_soon(close_code_of(exc), error_body(exc)["code"])
                 return False
             conn.said_hello = True
+            self.hellos.discard(ws)  # welcomed: no longer in the admission count
             self._schedule_token_timers(conn, identity)
             log.info("session opened", extra={"conn": conn.id, "user": identity.user})
             return True
@@ -401,9 +424,9 @@ class WsServer:
                 count_limit(frame, exc)
                 self._reply(conn, protocol.reply_error(ref, error_body(exc)))
                 continue
-            except Exception:
-                log.exception("command failed", extra={"conn": conn.id, "type": frame["type"]})
-                self._reply(conn, protocol.reply_error(ref, error_body(RuntimeError())))
+            except Exception as exc:
+                node.errors.error("command", exc, conn=conn.id, command=frame["type"])
+                self._reply(conn, protocol.reply_error(ref, error_body(exc)))
                 continue
             if frame["type"] == "typing" and ref is None:
                 continue  # typing needs no reply unless the client asked for one

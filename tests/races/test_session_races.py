@@ -1,0 +1,164 @@
+"""Opening a session while the user's rooms change, closing one while it is being set up:
+each interleaving is forced at a pause point of the node (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.integration.wire import hello, next_of, raw_connect, send_json
+
+from .conftest import api, command, until, ws_url
+
+
+async def messages_of(ws: Any, room: str, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < n:
+        event = await next_of(ws, "message", timeout)
+        if event["room"] == room:
+            got.append(event)
+    return got
+
+
+async def test_a_dm_opened_while_the_session_opens_is_delivered(inproc):
+    """Issue 12 #8: the rooms of the session are read, then (before the personal stream is
+    joined) another user opens a DM with it and sends two messages. The `room added` event must
+    be applied to the session, and both messages must arrive."""
+    node = await inproc()
+    gate = node.pauses.arm("session.rooms_read")
+    ws = await raw_connect(ws_url(node))
+    await send_json(ws, {"type": "hello", "user": "pat"})
+    await gate.reached()
+    dm = (await command(node, "bob", {"type": "dm", "user": "pat"}))["room"]["id"]
+    sent = [await command(node, "bob", {"type": "send", "room": dm, "text": f"hi {i}"}) for i in range(2)]
+    gate.release()
+    welcome = await next_of(ws, "welcome")
+    got = await messages_of(ws, dm, 2)
+    assert [m["id"] for m in got] == [s["id"] for s in sent]
+    assert dm not in {r["id"] for r in welcome["rooms"]}  # it came as a live membership change
+    await ws.close()
+
+
+async def test_a_topic_is_never_rebuilt_at_the_start_of_history(inproc):
+    """Issue 12 #5: the last local subscriber of a room leaves while a hello is between reading
+    the room and joining its topic. The topic must start at the room's end, not at 0-0 (which
+    replays the whole history live, as duplicates)."""
+    node = await inproc()
+    first = await raw_connect(ws_url(node))
+    await hello(first, "amy")
+    old = [await command(node, "amy", {"type": "send", "room": "general", "text": f"old {i}"}) for i in range(5)]
+    key = node.keys.room_stream("general")
+    gate = node.pauses.arm("session.rooms_read")
+    second = await raw_connect(ws_url(node))
+    await send_json(second, {"type": "hello", "user": "ben"})
+    await gate.reached()
+    await first.close()
+    await until(lambda: node.fanout.get(key) is None)
+    gate.release()
+    welcome = await next_of(second, "welcome")
+    general = next(r for r in welcome["rooms"] if r["id"] == "general")
+    assert general["last_id"] == old[-1]["id"]
+    new = await command(node, "amy", {"type": "send", "room": "general", "text": "new"})
+    got = await messages_of(second, "general", 1)
+    assert got[0]["id"] == new["id"], "history was delivered again as live messages"
+    await second.close()
+
+
+async def test_a_session_closed_while_presence_restarts_it_is_not_a_ghost(inproc, redis_client):
+    """Issue 12 #6: the heartbeat finds a session Redis lost and starts it again; the session
+    closes meanwhile. It must not be put back among the node's sessions (online for ever)."""
+    node = await inproc()
+    ws = await raw_connect(ws_url(node))
+    welcome = await hello(ws, "gus")
+    sid = welcome["session"]
+    await redis_client.zrem(node.keys.user_sessions("gus"), sid)  # Redis lost the session
+    gate = node.pauses.arm("presence.started")
+    beat = asyncio.create_task(node.heartbeat_once())
+    await gate.reached()
+    await ws.close()
+    await until(lambda: sid not in node._local_sessions)
+    await until(lambda: not any(c.caller and c.caller.session_id == sid for c in node.ws.connections))
+    gate.release()
+    await asyncio.wait_for(beat, 10)
+    assert sid not in node._local_sessions
+    live = await redis_client.zrangebyscore(node.keys.user_sessions("gus"), node.now_ms(), "+inf")
+    assert live == [], "the closed session is still online"
+
+
+async def test_a_membership_change_applied_after_close_does_not_leak_a_topic(inproc):
+    """Issue 12 #6: a `room added` event is being applied to a session when it closes. The dead
+    session must not be subscribed again (the node would read that room for ever)."""
+    node = await inproc()
+    ws = await raw_connect(ws_url(node))
+    await hello(ws, "hal")
+    gate = node.pauses.arm("reconcile.checked")
+    room = (await command(node, "ivy", {"type": "create_room", "name": "x", "visibility": "closed",
+                                        "members": ["hal"]}))["room"]["id"]
+    await gate.reached()
+    await ws.close()
+    await until(lambda: not node.ws.connections)
+    done = node.pauses.arm("reconcile.done", hold=False)
+    gate.release()
+    await done.reached()
+    assert node.fanout.get(node.keys.room_stream(room)) is None, "a closed session's topic leaked"
+
+
+async def test_a_long_poll_does_not_break_a_websocket_session_of_the_same_user(inproc):
+    """Issue 12 #4: a long poll creates the user's personal topic; a WebSocket session opened
+    on the same node afterwards must still get membership changes applied."""
+    node = await inproc()
+    poll = asyncio.create_task(api(node, "/api/v1/poll", {"wait_ms": 8000}, "kim"))
+    await until(lambda: node.poller.waiting.get("kim", 0) == 1)
+    ws = await raw_connect(ws_url(node))
+    await hello(ws, "kim")
+    room = (await command(node, "lou", {"type": "create_room", "name": "y", "visibility": "closed",
+                                        "members": ["kim"]}))["room"]["id"]
+    added = await next_of(ws, "room")
+    assert added["room"]["id"] == room
+    sent = await command(node, "lou", {"type": "send", "room": room, "text": "hello kim"})
+    got = await messages_of(ws, room, 1)
+    assert got[0]["id"] == sent["id"]
+    await ws.close()
+    await asyncio.wait_for(poll, 10)
+
+
+async def test_a_future_personal_cursor_of_a_poll_does_not_hide_events(inproc):
+    """Issue 12 #4: a poll's personal cursor from the future must not become the position of
+    the personal topic other sessions on the node read."""
+    node = await inproc()
+    status, session = await api(node, "/api/v1/session", {}, "max")
+    assert status == 200
+    future = {"epoch": session["personal"]["epoch"], "id": "99999999999999-0"}
+    poll = asyncio.create_task(api(node, "/api/v1/poll", {"wait_ms": 8000, "personal": future}, "max"))
+    await until(lambda: node.poller.waiting.get("max", 0) == 1)
+    ws = await raw_connect(ws_url(node))
+    await hello(ws, "max")
+    status, _ = await api(node, "/api/v1/alerts", {"to": ["max"], "kind": "email", "title": "t"}, server=True)
+    assert status == 200
+    alert = await next_of(ws, "alert")
+    assert alert["title"] == "t"
+    await ws.close()
+    await asyncio.wait_for(poll, 10)
+
+
+async def test_personal_events_past_the_limit_keep_the_newest(inproc):
+    """Issue 12 #3: more personal events wait than CHAT_PERSONAL_MAXLEN. The newest must be
+    delivered, and the welcome must say what was left out (recovered: false)."""
+    node = await inproc(CHAT_PERSONAL_MAXLEN=5)
+    for i in range(20):
+        status, _ = await api(node, "/api/v1/alerts", {"to": ["ned"], "kind": "email", "title": f"a{i}"},
+                              server=True)
+        assert status == 200
+    ws = await raw_connect(ws_url(node))
+    welcome = await hello(ws, "ned")
+    titles = [(await next_of(ws, "alert"))["title"] for _ in range(5)]
+    assert titles == [f"a{i}" for i in range(15, 20)]
+    assert welcome["personal"]["recovered"] is False
+    await ws.close()
+    # The next login has nothing more to replay.
+    ws = await raw_connect(ws_url(node))
+    welcome = await hello(ws, "ned")
+    assert welcome["personal"]["recovered"] is True
+    status, _ = await api(node, "/api/v1/alerts", {"to": ["ned"], "kind": "email", "title": "next"}, server=True)
+    assert (await next_of(ws, "alert"))["title"] == "next"
+    await ws.close()
