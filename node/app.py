@@ -74,12 +74,12 @@ class Node:
                                    cmid_ttl_s=settings.cmid_ttl_s,
                                    max_age_s=settings.history_max_age_s,
                                    wait_replicas=settings.redis_wait_replicas)
-        self.rooms = Rooms(self.redis, self.keys, self.streams)
+        self.pauses = PausePoints()
+        self.rooms = Rooms(self.redis, self.keys, self.streams, self.pauses)
         self.presence = Presence(self.redis, self.keys, settings.presence_ttl)
         self.personal = PersonalStreams(self.redis, self.keys, settings.personal_maxlen)
         self.ephemeral = Ephemeral(self.redis, self.keys, settings.typing_interval_ms)
         self.unread = ReadMarkers(self.redis, self.keys)
-        self.pauses = PausePoints()
         self.sessions = Sessions(self)
         self.commands = Commands(self)
         self.poller = Poller(self)

@@ -30,6 +30,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 
+def _retry_after_s(value: str | None) -> float:
+    """A refused handshake's ``Retry-After`` in seconds (delta-seconds only; capped at 60)."""
+    try:
+        return min(60.0, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
 class ChatClientError(Exception):
     """An error reply from the server."""
 
@@ -146,6 +154,8 @@ class ChatClient:
             except (OSError, ConnectionClosed, InvalidStatus, TimeoutError, ConnectionLost) as exc:
                 if isinstance(exc, ConnectionClosed):
                     self.close_codes.append(exc.rcvd.code if exc.rcvd else None)
+                elif isinstance(exc, InvalidStatus):  # 503 overloaded/draining, 429: a floor
+                    self._retry_after = _retry_after_s(exc.response.headers.get("Retry-After"))
                 if not self.reconnect:
                     self._finish(Closed(None, type(exc).__name__))
                     return

@@ -120,7 +120,8 @@ class Commands:
         await node.rooms.require_reader(caller.user, room)
         appended = await node.publish(room, caller.user, caller.identity.name, text, cmid)
         return {"id": appended.id, "seq": appended.seq, "ts": appended.ts,
-                **({"duplicate": True} if appended.duplicate else {})}
+                **({"duplicate": True} if appended.duplicate else {}),
+                **({} if appended.durable is None else {"durable": appended.durable})}
 
     async def history(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         node = self.node
@@ -152,10 +153,12 @@ class Commands:
             raise BadRequest("members must be user ids")
         for m in members:
             check_user_id(m)
-        meta = await node.rooms.create(caller.user, name, frame["visibility"], members,
-                                       s.max_rooms_per_user, s.max_room_members)
-        summary = await node.joined(caller, meta, [caller.user, *members], inviter=caller.user)
-        return {"room": summary}
+        meta, added = await node.rooms.create(caller.user, name, frame["visibility"], members,
+                                              s.max_rooms_per_user, s.max_room_members)
+        summary = await node.joined(caller, meta, [caller.user, *added], inviter=caller.user)
+        left_out = sorted(set(members) - set(added) - {caller.user})
+        # Members already in CHAT_MAX_ROOMS_PER_USER rooms were not added: say who.
+        return {"room": summary, **({"not_added": left_out} if left_out else {})}
 
     async def join(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         node = self.node

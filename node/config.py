@@ -157,6 +157,14 @@ FIELDS: tuple[Field, ...] = (
     Field("max_connections_per_user", "CHAT_MAX_CONNECTIONS_PER_USER", int, 20,
           "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no limit)",
           _non_negative),
+    Field("max_hellos_in_progress", "CHAT_MAX_HELLOS_IN_PROGRESS", int, 200,
+          "WebSocket handshakes admitted and not yet welcomed, per node; at the bound new handshakes "
+          "are refused with HTTP 503 + Retry-After (0: no limit)", _non_negative),
+    Field("admission_max_lag_ms", "CHAT_ADMISSION_MAX_LAG_MS", int, 500,
+          "Event-loop lag (last sample) over which new WebSocket handshakes are refused with HTTP 503 "
+          "+ Retry-After (0: off)", _non_negative),
+    Field("admission_retry_after_s", "CHAT_ADMISSION_RETRY_AFTER_S", int, 5,
+          "Retry-After of a handshake refused for overload: uniform in 1..this many seconds", _positive),
     Field("trusted_proxies", "CHAT_TRUSTED_PROXIES", _list, (),
           "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)"),
     Field("create_room_per_min", "CHAT_CREATE_ROOM_PER_MIN", float, 10.0,
@@ -244,6 +252,9 @@ class Settings:
     rate_strikes_max: int
     max_connections_per_ip: int
     max_connections_per_user: int
+    max_hellos_in_progress: int
+    admission_max_lag_ms: int
+    admission_retry_after_s: int
     trusted_proxies: tuple[str, ...]
     create_room_per_min: float
     create_room_burst: int

@@ -14,9 +14,12 @@ class ChatError(Exception):
     code = "internal"
     status = 500
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, limit: str | None = None) -> None:
         super().__init__(message or self.code.replace("_", " "))
         self.message = message or self.code.replace("_", " ")
+        # The configured limit that refused the command (a chatcluster_rate_limited_total
+        # label such as "rooms_per_user"), if any: a typed reason, never parsed from the text.
+        self.limit = limit
 
 
 class BadRequest(ChatError):

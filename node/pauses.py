@@ -56,9 +56,8 @@ class PausePoints:
         return gate
 
     def disarm(self, name: str) -> None:
-        gate = self._armed.pop(name, None)
-        if gate is not None:
-            gate.release()
+        """Later arrivals pass freely; a coroutine already held stays held until released."""
+        self._armed.pop(name, None)
 
     async def point(self, name: str) -> None:
         """A place a test may hold; free when nothing is armed there."""

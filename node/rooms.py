@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import GENERAL, Keys, RoomId, UserId
+from .pauses import PausePoints
 from .protocol import USER_ID_RE, check_room_id
 from .redisio import unavailable_on_redis_errors
 from .streams import RoomMeta, RoomStreams
@@ -59,13 +60,35 @@ class Access:
     is_member: bool
 
 
+# KEYS: a set.  ARGV: member, cap.  Adds the member unless the set already holds ``cap``
+# members: 1 added, 0 already there, -1 full. Check and add are one step in Redis, so concurrent
+# joins (on any nodes) can never take a set past its cap.
+CAPPED_ADD_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def rooms_quota_error(user: str, max_rooms: int) -> BadRequest:
+    return BadRequest(f"a user may be in at most {max_rooms} rooms ({user} is in as many)",
+                      limit="rooms_per_user")
+
+
+def room_full_error(max_members: int) -> BadRequest:
+    return BadRequest(f"the room is full ({max_members} members)", limit="room_members")
+
+
 class Rooms:
     """Membership and room metadata in Redis."""
 
-    def __init__(self, redis: Any, keys: Keys, streams: RoomStreams) -> None:
+    def __init__(self, redis: Any, keys: Keys, streams: RoomStreams, pauses: PausePoints | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.streams = streams
+        self.pauses = pauses if pauses is not None else PausePoints()
+        self._capped_add = redis.register_script(CAPPED_ADD_LUA)
 
     async def ensure_general(self) -> str:
         return await self.streams.ensure_room(GENERAL, "general", "General", "", int(time.time() * 1000))
@@ -103,51 +126,61 @@ class Rooms:
             raise Forbidden("join the room first")
         return acc
 
-    # -- membership changes (each command touches one slot; together they are idempotent) --
+    # -- membership changes ------------------------------------------------------------------
+    # A membership is two sets in two slots (the room's members, the user's rooms), each capped
+    # (CHAT_MAX_ROOM_MEMBERS, CHAT_MAX_ROOMS_PER_USER) by one atomic script. The room's set is
+    # written first: a failure between the two leaves a member whose room is missing from their
+    # list (repaired by joining again), never a listed room the user cannot read.
     async def create(self, owner: UserId, name: str, visibility: str, members: list[str],
-                     max_rooms: int, max_members: int) -> RoomMeta:
+                     max_rooms: int, max_members: int) -> tuple[RoomMeta, list[str]]:
+        """Create a room with its owner and members. Returns (meta, members added): a member
+        already in CHAT_MAX_ROOMS_PER_USER rooms is left out (the caller reports them)."""
         if visibility not in ("open", "closed"):
             raise BadRequest("visibility must be open or closed")
         members = sorted({m for m in members if m != owner})
         if len(members) + 1 > max_members:
-            raise BadRequest(f"a room has at most {max_members} members")
-        await self._check_room_quota(owner, max_rooms)
+            raise BadRequest(f"a room has at most {max_members} members", limit="room_members")
+        with unavailable_on_redis_errors("user_rooms"):
+            if await self.redis.scard(self.keys.user_rooms(owner)) >= max_rooms:
+                raise rooms_quota_error(owner, max_rooms)
         room = new_room_id()
         await self.streams.ensure_room(room, visibility, name, owner, int(time.time() * 1000))
-        with unavailable_on_redis_errors("create_room"):
-            pipe = self.redis.pipeline(transaction=False)
-            if visibility == "open":
-                pipe.hset(self.keys.room_directory(), room, name)
-            pipe.sadd(self.keys.room_members(room), owner, *members)
-            if members and visibility == "closed":
-                pipe.sadd(self.keys.room_invites(room), *members)
-            for user in [owner, *members]:
-                pipe.sadd(self.keys.user_rooms(user), room)
-            await pipe.execute()
+        if members and visibility == "closed":
+            with unavailable_on_redis_errors("create_room"):
+                await self.redis.sadd(self.keys.room_invites(room), *members)
+        await self.add_member(room, owner, max_rooms, max_members)
+        added: list[str] = []
+        for user in members:
+            try:
+                await self.add_member(room, user, max_rooms, max_members)
+                added.append(user)
+            except BadRequest as exc:
+                if exc.limit != "rooms_per_user":
+                    raise
+        if visibility == "open":
+            with unavailable_on_redis_errors("create_room"):
+                await self.redis.hset(self.keys.room_directory(), room, name)
         meta = await self.streams.meta(room)
         assert meta is not None
-        return meta
-
-    async def _check_room_quota(self, user: str, max_rooms: int) -> None:
-        with unavailable_on_redis_errors("user_rooms"):
-            count = await self.redis.scard(self.keys.user_rooms(user))
-        if count >= max_rooms:
-            raise BadRequest(f"a user may be in at most {max_rooms} rooms")
+        return meta, added
 
     async def add_member(self, room: str, user: str, max_rooms: int, max_members: int) -> bool:
-        """Make ``user`` a member; True if they were not one before."""
+        """Make ``user`` a member, within both caps; True if they were not one before."""
         if room == GENERAL:
             return False
+        await self.pauses.point("rooms.before_add")
         with unavailable_on_redis_errors("join"):
-            if await self.redis.sismember(self.keys.room_members(room), user):
-                return False
-        await self._check_room_quota(user, max_rooms)
+            added = int(await self._capped_add(keys=[self.keys.room_members(room)], args=[user, max_members]))
+        if added < 0:
+            raise room_full_error(max_members)
         with unavailable_on_redis_errors("join"):
-            if await self.redis.scard(self.keys.room_members(room)) >= max_members:
-                raise BadRequest(f"the room is full ({max_members} members)")
-            added = await self.redis.sadd(self.keys.room_members(room), user)
-            await self.redis.sadd(self.keys.user_rooms(user), room)
-        return bool(added)
+            listed = int(await self._capped_add(keys=[self.keys.user_rooms(user)], args=[room, max_rooms]))
+        if listed < 0:
+            if added > 0:  # undo: the user may not be in one more room
+                with unavailable_on_redis_errors("join"):
+                    await self.redis.srem(self.keys.room_members(room), user)
+            raise rooms_quota_error(user, max_rooms)
+        return added > 0
 
     async def remove_member(self, room: str, user: str) -> bool:
         with unavailable_on_redis_errors("leave"):
@@ -204,18 +237,21 @@ class Rooms:
         room = dm_room(user, other)
         meta = await self.streams.meta(room)
         if meta is None:
-            await self._check_room_quota(user, max_rooms)
             await self.streams.ensure_room(room, "direct", room, user, int(time.time() * 1000))
             meta = await self.streams.meta(room)
             if meta is None:
                 raise NotFound(NOT_FOUND)
-        with unavailable_on_redis_errors("dm"):
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.sadd(self.keys.room_members(room), user, other)
-            pipe.sadd(self.keys.user_rooms(user), room)
-            pipe.sadd(self.keys.user_rooms(other), room)
-            added = await pipe.execute()
-        return meta, bool(added[0])  # new members: tell both users about the room
+        # Both users' room quotas apply (a DM is a room of each); the caller's first.
+        new = await self.add_member(room, user, max_rooms, 2)
+        try:
+            new = await self.add_member(room, other, max_rooms, 2) or new
+        except BadRequest as exc:
+            if new:  # no half-made DM: the caller leaves it again
+                await self.remove_member(room, user)
+            if exc.limit == "rooms_per_user":
+                raise rooms_quota_error(other, max_rooms) from None
+            raise
+        return meta, new  # new members: tell both users about the room
 
     async def members(self, room: str) -> list[str]:
         with unavailable_on_redis_errors("members"):

@@ -437,10 +437,8 @@ def count_limit(frame: dict[str, Any], exc: ChatError) -> None:
     """Count a command refused by a size limit of the core in chatcluster_rate_limited_total."""
     if isinstance(exc, TooLarge) and frame.get("type") == "send":
         METRICS.rate_limited.labels(limit="text_chars").inc()
-    elif exc.message.startswith("a user may be in at most"):
-        METRICS.rate_limited.labels(limit="rooms_per_user").inc()
-    elif exc.message.startswith(("a room has at most", "the room is full")):
-        METRICS.rate_limited.labels(limit="room_members").inc()
+    elif exc.limit is not None:
+        METRICS.rate_limited.labels(limit=exc.limit).inc()
 
 
 def _loose(raw: str) -> Any:

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 from collections import Counter
 from typing import Any
@@ -44,10 +45,15 @@ class Session:
         self.ids: list[str] = []
         self.welcomes: list[tuple[float, Any]] = []  # (loop time, recovered)
         self.attempts = 0
-        self.backoff = WINDOW_S
+        self.backoff = storm.window
         self.proto: Proto | None = None
         self.lost_at: list[float] = []
         self.gen = 0  # the current connection attempt
+        self.connected_at = 0.0  # loop time the current connection's TCP handshake completed
+        self.latencies: list[float] = []  # TCP connected -> welcome, per welcome
+        self.upgraded_at = 0.0  # loop time the current connection's 101 arrived
+        self.hello_latencies: list[float] = []  # 101 (handshake admitted) -> welcome, per welcome
+        self.retry_after = 0.0  # a refused handshake's Retry-After (HTTP 429/503)
 
     def hello(self) -> bytes:
         frame: dict[str, Any] = {"type": "hello", "user": self.user}
@@ -56,8 +62,11 @@ class Session:
         return orjson.dumps(frame)
 
     def on_welcome(self, frame: dict[str, Any]) -> None:
-        self.welcomes.append((self.storm.loop.time(), frame.get("recovered", {}).get("general")))
-        self.backoff = WINDOW_S
+        now = self.storm.loop.time()
+        self.welcomes.append((now, frame.get("recovered", {}).get("general")))
+        self.latencies.append(now - self.connected_at)
+        self.hello_latencies.append(now - self.upgraded_at)
+        self.backoff = self.storm.window
         if not self.epoch:
             room = next(r for r in frame["rooms"] if r["id"] == "general")
             self.epoch, self.last_id = room["epoch"], room["last_id"]
@@ -78,7 +87,9 @@ class Session:
         self.lost_at.append(self.storm.loop.time())
         if self.storm.stopping:
             return
-        delay = random.uniform(0, self.backoff)  # full jitter
+        # Full jitter; a refused handshake's Retry-After (already jittered by the node) is a floor.
+        delay = max(self.retry_after, random.uniform(0, self.backoff))
+        self.retry_after = 0.0
         self.backoff = min(self.backoff * 2, 8.0)
         self.storm.loop.call_later(delay, self.storm.connect, self)
 
@@ -94,6 +105,7 @@ class Proto(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.session.proto = self
+        self.session.connected_at = self.session.storm.loop.time()
         key = base64.b64encode(os.urandom(16)).decode()
         transport.write((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -110,9 +122,12 @@ class Proto(asyncio.Protocol):
                 return
             if not data.startswith(b"HTTP/1.1 101"):
                 self.session.storm.refusals[data[:data.find(b"\r\n")].decode(errors="replace")] += 1
+                retry = re.search(rb"\r\nRetry-After: *(\d+)", data[:end], re.IGNORECASE)
+                self.session.retry_after = float(retry.group(1)) if retry else 0.0
                 self.transport.close()  # refused (full, draining...): back off and retry
                 return
             self.open = True
+            self.session.upgraded_at = self.session.storm.loop.time()
             self.transport.write(mask_frame(1, self.session.hello()))
             data = data[end + 4:]
         pos, n = 0, len(data)
@@ -147,8 +162,9 @@ class Proto(asyncio.Protocol):
 
 
 class Storm:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, window: float = WINDOW_S) -> None:
         self.loop = asyncio.get_running_loop()
+        self.window = window  # full-jitter window of each client's first reconnect
         self.sessions = [Session(self, f"s{i}") for i in range(n)]
         self.target = ("127.0.0.1", 0)
         self.stopping = False
