@@ -96,6 +96,10 @@ def _default_node_id() -> str:
 FIELDS: tuple[Field, ...] = (
     Field("redis_url", "CHAT_REDIS_URL", str, "redis://127.0.0.1:6379/0",
           "Redis URL: redis://, rediss://, or redis+cluster://host:port", _redis_url),
+    Field("redis_wait_replicas", "CHAT_REDIS_WAIT_REPLICAS", int, 0,
+          "After each append, WAIT for this many replicas (up to 1 s) before a send is acked, so "
+          "the ack survives a failover; fewer in time: acked with durable: false (0: off)",
+          _non_negative),
     Field("host", "CHAT_HOST", str, "0.0.0.0", "Address the WebSocket and HTTP servers bind to"),
     Field("ws_port", "CHAT_WS_PORT", int, 8000, "WebSocket port (0: pick a free one)", _port),
     Field("http_port", "CHAT_HTTP_PORT", int, 8001,
@@ -214,6 +218,7 @@ FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 @dataclass(frozen=True)
 class Settings:
     redis_url: str
+    redis_wait_replicas: int
     host: str
     ws_port: int
     http_port: int
