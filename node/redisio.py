@@ -81,6 +81,10 @@ def connect(url: str, *, max_connections: int = 256) -> Any:
 
 def unavailable_reply(exc: BaseException) -> bool:
     """An error reply meaning Redis cannot serve now (see :data:`UNAVAILABLE_REPLIES`)."""
+    # redis-py strips the code of the replies it maps to a class of their own.
+    if isinstance(exc, (rexc.OutOfMemoryError, rexc.ReadOnlyError, rexc.NoScriptError,
+                        rexc.ClusterDownError, rexc.TryAgainError)):
+        return True
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(UNAVAILABLE_REPLIES)
 
 
