@@ -52,6 +52,11 @@ log = logging.getLogger("chatcluster.ws")
 # its socket is aborted: its buffered frames are the memory the cut-off is meant to free.
 SLOW_CONSUMER_GRACE_S = 2.0
 
+# A handshake counts as a hello in progress (admission control) until its welcome, but one whose
+# client has sent nothing this long after the upgrade stops counting: idle sockets (from one
+# address, up to CHAT_MAX_CONNECTIONS_PER_IP) must not keep the node refusing everyone else.
+SILENT_HELLO_GRACE_S = 2.0
+
 TOO_DEEP = "frame nested too deeply"  # node.protocol's message past CHAT_MAX_JSON_DEPTH
 
 for _limit in LIMITS:  # every series exists from the first scrape
@@ -123,6 +128,7 @@ class WsServer:
         # Admission control: handshakes admitted by process_request whose welcome has not been
         # sent yet (removed when it is, or when the connection ends).
         self.hellos: set[ServerConnection] = set()
+        self._silent: dict[ServerConnection, asyncio.TimerHandle] = {}  # no frame yet
         METRICS.hellos_in_progress.set_function(lambda: float(len(self.hellos)))
         # create_room per user, per node; shared with the HTTP API's /api/v1/command.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
@@ -205,6 +211,8 @@ class WsServer:
         assert node.flusher is not None, "the node is running"
         conn = Connection(ws, Sink(ws, node.flusher, node.settings.outbound_buffer_bytes, overflow))
         conn.ip = self._handshaking.pop(ws, "")
+        self._silent[ws] = asyncio.get_running_loop().call_later(
+            SILENT_HELLO_GRACE_S, self.hellos.discard, ws)
         self.connections.add(conn)
         self.by_sink[conn.sub.sink] = conn
         METRICS.connections_accepted.inc()
@@ -222,6 +230,8 @@ class WsServer:
             # having seen our close frame, can reconnect.
             recorded = self._record_abuse(conn)
             self.hellos.discard(ws)
+            if (silent := self._silent.pop(ws, None)) is not None:
+                silent.cancel()
             conn.cancel_token_timers()
             if conn.ip:
                 self.ip_counts.remove(conn.ip)
@@ -288,6 +298,8 @@ class WsServer:
                 raw = await asyncio.wait_for(ws.recv(), remaining)
             except TimeoutError:
                 continue
+            if (silent := self._silent.pop(ws, None)) is not None:
+                silent.cancel()  # the client spoke: it counts until its welcome
             if isinstance(raw, bytes):
                 if not self._protocol_error(conn, "binary", None, BadRequest("binary frames are not supported")):
                     return False

@@ -13,12 +13,15 @@ machine; docs/operations.md has them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from typing import Any
 
 import aiohttp
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from loadtest.wsclient import raise_nofile
 
@@ -128,3 +131,26 @@ async def test_a_reconnect_storm_is_admitted_within_the_bound_and_loses_nothing(
 async def test_the_same_storm_without_admission_control(parallel_nodes, clients):
     report = await storm(parallel_nodes, clients, UNBOUNDED)
     assert report["refused_overloaded"] == 0, report
+
+
+async def test_silent_upgrades_stop_counting_and_a_refused_client_gets_in(parallel_nodes, clients):
+    """Three upgrades that never say hello fill a bound of 3: the next handshake is refused 503
+    with a Retry-After. SILENT_HELLO_GRACE_S (2 s) later they no longer count, so idle sockets
+    cannot keep a node refusing everyone (CHAT_HELLO_TIMEOUT_S is long here: they would count
+    for a minute); the Python client waits out the Retry-After and gets in."""
+    (node,) = await parallel_nodes.start(1, CHAT_MAX_HELLOS_IN_PROGRESS=3, CHAT_ADMISSION_RETRY_AFTER_S=1,
+                                         CHAT_MAX_CONNECTIONS_PER_IP=0, CHAT_HELLO_TIMEOUT_S=60)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(connect(node.ws_url, compression=None, ping_interval=None))
+        assert await metric(node.http_url, IN_PROGRESS) == 3
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(node.ws_url, compression=None, ping_interval=None):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "1"
+        assert await metric(node.http_url, OVERLOADED) == 1
+        late = await clients(node.ws_url, user="late")  # retries until the silent ones stop counting
+        assert late.welcome is not None
+        assert await metric(node.http_url, OVERLOADED) >= 1
+        assert await metric(node.http_url, IN_PROGRESS) == 0
