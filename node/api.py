@@ -17,13 +17,12 @@ from aiohttp import web
 
 from . import protocol
 from .auth import Identity, audiences_of, authenticate_bearer, check_api_key, issue_token
-from .commands import Caller
-from .errors import BadRequest, ChatError, NotFound, TooLarge, Unauthorized, error_body, status_of
+from .commands import Caller, refused
+from .errors import BadRequest, ChatError, NotFound, Unauthorized
 from .http import NODE_KEY, json_response, read_body, read_json
 from .metrics import METRICS
 from .poll import Poller
 from .protocol import check_display_name, check_room_id, check_text, check_user_id
-from .ws import count_limit
 
 if TYPE_CHECKING:
     from .app import Node
@@ -65,26 +64,13 @@ async def command(request: web.Request) -> web.Response:
     node = _node(request)
     identity = _user(request)
     raw = await read_body(request, node.settings.max_frame_bytes)
-    ref = protocol.ref_of(_loose(raw))
     try:
         frame = protocol.parse_frame(raw, node.settings.max_json_depth)
-        if frame["type"] in ("hello", "refresh"):
-            raise BadRequest(f"{frame['type']} is a WebSocket frame; use /api/v1/session")
-        caller = Caller(identity, "http", "http")
-        if frame["type"] == "create_room":
-            node.ws.check_create_room(identity.user)
-        data = await node.commands.dispatch(caller, frame)
     except ChatError as exc:
-        if isinstance(exc, (BadRequest, TooLarge)) and isinstance(frame_or_none := _loose(raw), dict):
-            count_limit(frame_or_none, exc)
-        reply = {"type": "reply", "ok": False, "error": error_body(exc)}
-        if ref is not None:
-            reply["ref"] = ref
-        return json_response(reply, status_of(exc))
-    reply = {"type": "reply", "ok": True, "data": data}
-    if ref is not None:
-        reply["ref"] = ref
-    return json_response(reply)
+        outcome = refused(protocol.ref_of(_loose(raw)), exc)
+    else:
+        outcome = await node.commands.execute(Caller(identity, "http", "http"), frame)
+    return json_response(outcome.envelope(), outcome.status)
 
 
 async def poll(request: web.Request) -> web.Response:

@@ -33,13 +33,14 @@ from .fanout import Fanout, Flusher, ShardReader, Topic
 from .http import build_app
 from .keys import GENERAL, Keys, UserId
 from .metrics import METRICS
+from .opener import SessionOpener
 from .pauses import PausePoints
-from .personal import PersonalStreams, PersonalTopic, personal_payload
+from .personal import PersonalStreams, PersonalTopic
 from .poll import Poller
 from .presence import Presence
-from .protocol import dumps, message_event, parse_cursor, stream_id_tuple, ws_text_frame
+from .protocol import dumps, message_event, stream_id_tuple, ws_text_frame
 from .rooms import Rooms
-from .session import Sessions, Subscription
+from .session import Sessions
 from .streams import Appended, RoomMeta, RoomStreams, room_summary
 from .supervise import ThrottledLog, supervise
 from .unread import ReadMarkers, unread_count
@@ -81,6 +82,7 @@ class Node:
         self.ephemeral = Ephemeral(self.redis, self.keys, settings.typing_interval_ms)
         self.unread = ReadMarkers(self.redis, self.keys)
         self.sessions = Sessions(self)
+        self.opener = SessionOpener(self)
         self.commands = Commands(self)
         self.poller = Poller(self)
         self.ws = WsServer(self)
@@ -182,8 +184,10 @@ class Node:
         return users[:limit], len(users)
 
     async def summaries(self, user: UserId, metas: dict[str, RoomMeta],
-                        positions: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """Room objects as in ``welcome``: with unread, member and online counts."""
+                        positions: dict[str, str] | None = None,
+                        known_seqs: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """Room objects as in ``welcome``: with unread, member and online counts. ``known_seqs``:
+        the seq at a room's position when the caller knows it (no Redis read for those)."""
         rooms = list(metas)
         if not rooms:
             return []
@@ -193,7 +197,10 @@ class Node:
         online = await asyncio.gather(*(self.online_count(room, members[room]) for room in rooms))
         # seq as of the position live delivery starts from, not as of the metadata read a moment
         # earlier: clients count unread and check continuity from it.
-        seqs = await self.streams.seqs_at(positions) if positions else {}
+        seqs = dict(known_seqs or {})
+        unknown = {r: p for r, p in (positions or {}).items() if r not in seqs}
+        if unknown:
+            seqs.update(await self.streams.seqs_at(unknown))
         out = []
         for i, room in enumerate(rooms):
             meta = metas[room]
@@ -205,10 +212,6 @@ class Node:
             out.append(room_summary(meta, last_id, unread_count(meta.seq, reads[i]),
                                     members[room], online[i]))
         return out
-
-    async def room_summaries(self, user: UserId, metas: dict[str, RoomMeta],
-                             positions: dict[str, str]) -> list[dict[str, Any]]:
-        return await self.summaries(user, metas, positions)
 
     # -- membership changes, applied live on every node --------------------------------------
     async def joined(self, caller: Caller | None, meta: RoomMeta, users: list[str],
@@ -275,55 +278,6 @@ class Node:
             return topic, False
         return self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
                                                  epoch, self._after_personal)), True
-
-    async def join_personal(self, user: UserId, sub: Subscription) -> tuple[str, str, str]:
-        """Subscribe the session to the user's personal stream. Returns (epoch, delivered-up-to
-        marker, position ``P0`` where live delivery starts for this session)."""
-        epoch, pdel, last_id = await self.personal.open(user)
-        topic, is_new = self.personal_topic(user, last_id, epoch)
-        topic.sinks.add(sub.sink)
-        sub.topics["@personal"] = topic
-        upto = topic.pos
-        if is_new:
-            await self.fanout.reader_of(topic).interrupt(topic.key)
-        return epoch, pdel, upto
-
-    async def replay_personal(self, user: UserId, hello: dict[str, Any], joined: tuple[str, str, str],
-                              welcome: dict[str, Any]) -> list[bytes]:
-        """The personal replay of a session (frames) and ``welcome["personal"]``.
-
-        After the client's cursor, or without one after the user's delivered-up-to marker, up to
-        ``P0``. At most CHAT_PERSONAL_MAXLEN events and a quarter of the outbound buffer: the
-        newest are kept (they matter most, and the cursor moves past all of them), and if any
-        were left out, or trimmed from the stream before they were delivered, ``recovered`` is
-        false."""
-        epoch, pdel, upto = joined
-        cursor = parse_cursor(hello.get("personal"))
-        recovered = True
-        after = pdel
-        if cursor is not None:
-            if cursor[0] == epoch and stream_id_tuple(cursor[1]) <= stream_id_tuple(upto):
-                after = cursor[1]
-            else:
-                recovered = False  # another epoch, or a cursor from this stream's future
-        entries, complete = await self.personal.newest_between(user, after, upto, self.settings.personal_maxlen)
-        recovered = recovered and complete
-        frames: list[bytes] = []
-        for sid, fields in entries:
-            payload = personal_payload(sid.decode(), fields)
-            if payload is not None:
-                frames.append(ws_text_frame(payload))
-        budget, kept = self.settings.outbound_buffer_bytes // 4, 0
-        for i in range(len(frames) - 1, -1, -1):
-            kept += len(frames[i])
-            if kept > budget:
-                frames = frames[i + 1:]
-                recovered = False
-                break
-        if entries:
-            await self.personal.mark_delivered(user, entries[-1][0].decode())
-        welcome["personal"] = {"epoch": epoch, "recovered": recovered, "last_id": upto}
-        return frames
 
     # -- presence ----------------------------------------------------------------------------
     async def session_started(self, caller: Caller, ttl_ms: int | None = None) -> None:
@@ -476,6 +430,7 @@ class Node:
                     # what the stream has now; new entries get ids after the lost ones.
                     log.warning("room stream rolled back (failover lost entries)")
                     topic.pos = rolled_back[topic.name]
+                    topic.seq = -1  # unknown until the next entry (no gap check across the loss)
                     event = {"type": "room", "change": "updated", "recovered": False,
                              "room": room_summary(meta, meta.last_id, 0, 0, 0)}
                     frame = ws_text_frame(dumps(event))
@@ -484,6 +439,7 @@ class Node:
                 continue
             log.warning("room epoch changed: stream data was lost", extra={"room_kind": meta.kind if meta else "gone"})
             topic.pos = "0-0"
+            topic.seq = 0 if meta is not None else -1  # a new stream starts at seq 1
             if meta is None:
                 event = {"type": "room", "change": "removed", "room": {"id": topic.name}, "recovered": False}
             else:

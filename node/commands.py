@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
-from .errors import BadRequest
+from .errors import BadRequest, ChatError, Internal, RateLimited, error_body
 from .keys import GENERAL, UserId
 from .metrics import METRICS
 from .protocol import (
@@ -23,8 +23,11 @@ from .protocol import (
     check_stream_id,
     check_text,
     check_user_id,
+    dumps,
     message_event,
+    ref_of,
 )
+from .ratelimit import KeyedBuckets
 from .unread import unread_count
 
 if TYPE_CHECKING:
@@ -34,6 +37,50 @@ Handler = Callable[["Caller", dict[str, Any]], Awaitable[dict[str, Any]]]
 
 # Text commands a client may type into the message box; never stored as messages.
 TEXT_COMMANDS = {"/who": "who", "/rooms": "rooms", "/join": "join", "/where": "where"}
+
+
+# Frames that belong to a transport, not to the command gate: `hello` opens a WebSocket
+# session (over HTTP: POST /api/v1/session), `refresh` renews a live WebSocket's token.
+TRANSPORT_FRAMES = frozenset({"hello", "refresh"})
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the command gate answers, whatever the transport: the reply's ``data``, or the
+    error. Transports only translate it (a reply frame, an HTTP response)."""
+
+    ref: Any
+    data: dict[str, Any] | None = None
+    error: ChatError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> int:
+        return 200 if self.error is None else self.error.status
+
+    def envelope(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "reply", "ok": self.error is None}
+        if self.error is None:
+            frame["data"] = self.data
+        else:
+            frame["error"] = error_body(self.error)
+        if self.ref is not None:
+            frame["ref"] = self.ref
+        return frame
+
+    def encode(self) -> bytes:
+        return dumps(self.envelope())
+
+
+def refused(ref: Any, exc: ChatError) -> Outcome:
+    """An outcome for a frame refused before dispatch (malformed, rate limited); counts the
+    configured limit that refused it, if any."""
+    if exc.limit is not None:
+        METRICS.rate_limited.labels(limit=exc.limit).inc()
+    return Outcome(ref, error=exc)
 
 
 @dataclass
@@ -87,6 +134,35 @@ class Commands:
             "typing": self.typing,
         }
         self._typing_seen: dict[tuple[str, str], float] = {}
+        s = node.settings
+        # create_room per user, per node, whatever the transport.
+        self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
+
+    async def execute(self, caller: Caller, frame: dict[str, Any]) -> Outcome:
+        """The command gate: every command of every transport goes through here. Refuses
+        transport frames, applies the per-user limiters, dispatches, counts (commands, and the
+        limit that refused it), and turns any error into an outcome (unexpected ones into
+        ``internal``, logged once per cause per interval). Never raises but on cancellation."""
+        ref = ref_of(frame)
+        kind = frame["type"]
+        try:
+            if kind in TRANSPORT_FRAMES:
+                raise BadRequest("already said hello" if caller.transport == "ws" and kind == "hello"
+                                 else f"{kind} is a WebSocket frame; use /api/v1/session")
+            if kind == "create_room":
+                self._check_create_room(caller.user)
+            return Outcome(ref, await self.dispatch(caller, frame))
+        except ChatError as exc:
+            return refused(ref, exc)
+        except Exception as exc:
+            self.node.errors.error("command", exc, command=kind)
+            return Outcome(ref, error=Internal("internal error"))
+
+    def _check_create_room(self, user: str) -> None:
+        """CHAT_CREATE_ROOM_PER_MIN per user and node; raises ``rate_limited``."""
+        if not self.create_room_buckets.take(user, time.monotonic()):
+            wait = self.create_room_buckets.retry_after(user)
+            raise RateLimited(f"too many rooms created; retry in {max(1, round(wait))} s", limit="create_room")
 
     async def dispatch(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         kind = frame["type"]

@@ -276,6 +276,7 @@ class ShardReader:
         self.fanout = fanout
         self.shard = shard
         self.lane = lane
+        self.pause_point = "reader.rooms.before_read" if lane == LANE_ROOMS else "reader.personal.before_read"
         self.topics: dict[str, Topic] = {}
         self.client_id: int | None = None
         self.inflight: frozenset[str] | None = None
@@ -330,7 +331,7 @@ class ShardReader:
                 if not streams:
                     continue  # the last topic went away while the connection was being opened
                 self.wake.clear()
-                await self.fanout.pauses.point("reader.before_read")
+                await self.fanout.pauses.point(self.pause_point)
                 streams = {key: topic.pos for key, topic in self.topics.items()}
                 if not streams:
                     continue

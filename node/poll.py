@@ -23,10 +23,10 @@ from .auth import Identity
 from .errors import BadRequest, RateLimited
 from .fanout import Topic
 from .metrics import METRICS
+from .opener import parse_cursors
 from .personal import personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
 from .resume import ReplayPlan, plan_replay
-from .session import parse_cursors
 from .streams import room_summary
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class Poller:
                     if e.get("type") == "room" and e.get("change") == "added"
                     and isinstance(e.get("room"), dict) and isinstance(e["room"].get("id"), str)}
         rooms = await node.rooms.user_rooms(user)
-        metas = await node.sessions.room_metas(rooms)
+        metas = await node.opener.room_metas(rooms)
         out.metas = metas
         # One response carries at most `limit_per_room` messages in all: past that, rooms keep
         # their cursors and the rest comes with the next poll (paging, not a gap).
@@ -264,34 +264,18 @@ class Poller:
                 "personal": collected.personal, "next_poll_ms": next_ms}
 
     async def session(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
-        """``POST /api/v1/session``: the welcome object plus the replay, for a polling client."""
+        """``POST /api/v1/session``: the welcome object plus the replay, for a polling client
+        (the same opener as a WebSocket hello), and the cursors to poll with."""
         node = self.node
-        collected = await self.collect(identity, body.get("cursors"), body.get("personal"),
-                                       node.settings.replay_limit)
-        metas: dict[str, Any] = collected.metas
-        positions = {room: c["id"] for room, c in collected.cursors.items()}
-        summaries = await node.summaries(identity.user, metas, positions)
+        opened = await node.opener.open(identity, body.get("cursors"), body.get("personal"), session, None)
         await node.poll_heartbeat(identity, session, node.settings.poll_min_ms)
         METRICS.presence_heartbeats.inc()
-        if collected.recovered:  # a polling client resuming with cursors, as a WebSocket hello
-            replayed = Counter(e["room"] for e in collected.events if e.get("type") == "message")
-            for room, recovered in collected.recovered.items():
-                METRICS.resumes.labels(recovered="true" if recovered else "false").inc()
-                METRICS.replay_messages.observe(replayed[room])
+        welcome = opened.welcome
+        epochs = {room["id"]: room["epoch"] for room in welcome["rooms"]}
         return {
-            "type": "welcome",
-            "user": {"id": identity.user, "name": identity.name},
-            "node": node.settings.node_id,
-            "session": session,
-            "server_time": node.now_ms(),
-            "rooms": summaries,
-            "recovered": collected.recovered,
-            "personal": {"epoch": collected.personal["epoch"], "recovered": collected.personal_recovered,
-                         "last_id": collected.personal["id"]},
-            "limits": node.settings.public_limits(),
-            "events": collected.events,
-            "cursors": collected.cursors,
+            **welcome,
+            "events": [orjson.loads(p) for p in (*opened.messages, *opened.personal)],
+            "cursors": {room: {"epoch": epochs[room], "id": pos} for room, pos in opened.positions.items()},
             "poll": {"min_ms": node.settings.poll_min_ms, "max_ms": node.settings.poll_max_ms,
                      "decay": node.settings.poll_decay, "unfocused_ms": node.settings.poll_unfocused_ms},
         }
-

@@ -104,7 +104,7 @@ def validate(frame: Any, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     if "ref" in frame and ref_of(frame) is None:
         raise BadRequest("ref must be a string (up to 64 chars) or an integer")
     if _depth(frame, max_depth) > max_depth:
-        raise BadRequest("frame nested too deeply")
+        raise BadRequest("frame nested too deeply", limit="json_depth")
     for name, (field_kind, required) in spec.items():
         if name not in frame or frame[name] is None:
             if required:
@@ -154,7 +154,7 @@ def check_text(text: str, max_chars: int) -> str:
     if not text or not text.strip():
         raise BadRequest("text must not be empty")
     if len(text) > max_chars:
-        raise TooLarge(f"text longer than {max_chars} characters")
+        raise TooLarge(f"text longer than {max_chars} characters", limit="text_chars")
     if "\x00" in text:
         raise BadRequest("text must not contain NUL characters")
     return text

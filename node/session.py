@@ -14,17 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
 from .fanout import Sink, Topic
-from .keys import RoomId, UserId
-from .metrics import METRICS
-from .protocol import dumps, message_event, parse_cursor, ws_text_frame
+from .keys import UserId
+from .protocol import dumps, message_event, ws_text_frame
 from .resume import plan_replay
 from .streams import RoomMeta, room_gap_event
 
 if TYPE_CHECKING:
     from .app import Node
-
-MAX_CURSORS = 1000
-
 
 @dataclass
 class Subscription:
@@ -37,116 +33,71 @@ class Subscription:
     closed: bool = False  # set when the connection ends: nothing may subscribe it again
 
 
-def parse_cursors(raw: Any) -> dict[str, tuple[str, str]]:
-    """Valid cursors of a hello/session/poll body; malformed ones are ignored (no replay)."""
-    out: dict[str, tuple[str, str]] = {}
-    if not isinstance(raw, dict):
+class WsLive:
+    """A WebSocket going live while its session opens: it joins the topics (see opener)."""
+
+    def __init__(self, node: Node, sub: Subscription) -> None:
+        self.node = node
+        self.sub = sub
+        self.created: list[Topic] = []
+
+    @property
+    def closed(self) -> bool:
+        return self.sub.closed
+
+    async def personal(self, user: UserId, epoch: str, last_id: str) -> str:
+        topic, is_new = self.node.personal_topic(user, last_id, epoch)
+        topic.sinks.add(self.sub.sink)
+        self.sub.topics["@personal"] = topic
+        upto = topic.pos
+        if is_new:
+            await self.node.fanout.reader_of(topic).interrupt(topic.key)
+        return upto
+
+    def rooms(self, metas: dict[str, RoomMeta]) -> dict[str, tuple[str, int]]:
+        """Synchronous: join every topic and note where live delivery starts. A topic this node
+        does not read yet starts at the room's newest entry as the metadata says (never 0-0:
+        that would replay all history live)."""
+        fanout = self.node.fanout
+        sink = self.sub.sink
+        out: dict[str, tuple[str, int]] = {}
+        for room, meta in metas.items():
+            topic, is_new = fanout.add_room_topic(room, meta)
+            topic.sinks.add(sink)
+            self.sub.topics[room] = topic
+            out[room] = (topic.pos, topic.seq)
+            if is_new:
+                self.created.append(topic)
         return out
-    for room, value in list(raw.items())[:MAX_CURSORS]:
-        cursor = parse_cursor(value)
-        if isinstance(room, str) and cursor is not None:
-            out[room] = cursor
-    return out
+
+    async def started(self) -> None:
+        fanout = self.node.fanout
+        if self.created:
+            await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in self.created))
 
 
 class Sessions:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def room_metas(self, rooms: list[RoomId]) -> dict[str, RoomMeta]:
-        """Metadata of the user's rooms; recreates ``general`` if Redis lost it."""
-        node = self.node
-        metas = await node.streams.metas(list(rooms))
-        if metas.get("general") is None:
-            await node.rooms.ensure_general()
-            metas["general"] = await node.streams.meta("general")
-        return {room: meta for room, meta in metas.items() if meta is not None}
-
     async def open_ws(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
                       session_id: str) -> None:
-        """Subscribe ``sub`` to the user's rooms, write ``welcome`` and the replay, go live.
-
-        Order matters. The personal stream is joined first, at position ``P0``; the user's rooms
-        are read after that. A membership change (invitation, new DM, kick) writes the membership
-        before it publishes its personal event, so it is either in the rooms read here or its
-        event comes after ``P0`` and reaches this session live, where it is applied
-        (:meth:`reconcile_room`) once the session is open: the session's lock is held until then.
-        """
-        node = self.node
-        pauses = node.pauses
+        """Open the session (:class:`~node.opener.SessionOpener`), write ``welcome`` and the
+        replay, go live. The session's lock is held throughout, so membership changes that
+        arrive live meanwhile are applied once it is open (:meth:`reconcile_room`)."""
         sink = sub.sink
         async with sub.lock:
             sink.hold()
             try:
-                personal = await node.join_personal(identity.user, sub)
-                rooms = await node.rooms.user_rooms(identity.user)
-                metas = await self.room_metas(rooms)
-                await pauses.point("session.rooms_read")
-                if sub.closed:
+                opened = await self.node.opener.open(identity, hello.get("cursors"), hello.get("personal"),
+                                                     session_id, WsLive(self.node, sub))
+                if opened.closed:
                     return
-                cursors = parse_cursors(hello.get("cursors"))
-                fanout = node.fanout
-
-                # --- synchronous: join every topic and note where live delivery starts ---------
-                # A topic this node does not read yet starts at the room's newest entry as the
-                # metadata just read says (never at 0-0: that would replay all history live).
-                positions: dict[str, str] = {}
-                created: list[Topic] = []
-                for room, meta in metas.items():
-                    topic, is_new = fanout.add_room_topic(room, meta)
-                    topic.sinks.add(sink)
-                    sub.topics[room] = topic
-                    positions[room] = topic.pos
-                    if is_new:
-                        created.append(topic)
-                # ---------------------------------------------------------------------------------
-                if created:
-                    await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in created))
-
-                recovered: dict[str, bool] = {}
-                replay_frames: list[bytes] = []
-                # The replay goes through the connection's bounded buffer: past this budget,
-                # further rooms get `recovered: false` (reload with history) instead of a replay
-                # that would overflow the buffer and cut the client off as slow, again at every
-                # reconnect.
-                budget = node.settings.outbound_buffer_bytes // 2
-                for room, (epoch, cursor_id) in cursors.items():
-                    room_meta = metas.get(room)
-                    room_topic = sub.topics.get(room)
-                    if room_meta is None or room_topic is None:
-                        continue  # not a room of this user: no replay, and no hint that it exists
-                    upto = positions[room]
-                    entries = await node.streams.replay_range(room, cursor_id, upto, node.settings.replay_limit) \
-                        if epoch == room_topic.epoch else []
-                    plan = plan_replay(epoch, room_topic.epoch, cursor_id, upto, entries, node.settings.replay_limit)
-                    frames = [ws_text_frame(dumps(message_event(room, sid.decode(), fields)))
-                              for sid, fields in plan.entries]
-                    size = sum(len(f) for f in frames)
-                    ok = plan.recovered and size <= budget
-                    recovered[room] = ok
-                    METRICS.resumes.labels(recovered=str(ok).lower()).inc()
-                    if ok:
-                        budget -= size
-                        replay_frames.extend(frames)
-                        METRICS.replay_messages.observe(len(frames))
-
-                summaries = await node.summaries(identity.user, metas, positions)
-                welcome = {
-                    "type": "welcome",
-                    "user": {"id": identity.user, "name": identity.name},
-                    "node": node.settings.node_id,
-                    "session": session_id,
-                    "server_time": node.now_ms(),
-                    "rooms": summaries,
-                    "recovered": recovered,
-                    "limits": node.settings.public_limits(),
-                }
-                personal_frames = await node.replay_personal(identity.user, hello, personal, welcome)
-                sink.push_now(ws_text_frame(dumps(welcome)))
-                for frame in replay_frames:
-                    sink.push_now(frame)
-                for frame in personal_frames:
-                    sink.push_now(frame)
+                sink.push_now(ws_text_frame(dumps(opened.welcome)))
+                for payload in opened.messages:
+                    sink.push_now(ws_text_frame(payload))
+                for payload in opened.personal:
+                    sink.push_now(ws_text_frame(payload))
             finally:
                 sink.release()
 

@@ -24,13 +24,12 @@ from websockets.protocol import State
 
 from . import protocol
 from .auth import Identity, authenticate_hello, refresh_identity
-from .commands import Caller
+from .commands import Caller, refused
 from .errors import (
     BadRequest,
     ChatError,
     CloseCodes,
     RateLimited,
-    TooLarge,
     Unauthorized,
     Unavailable,
     close_code_of,
@@ -39,7 +38,7 @@ from .errors import (
 from .fanout import Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
-from .ratelimit import LIMITS, Counts, KeyedBuckets, PenaltyBox, TokenBucket, client_ip
+from .ratelimit import LIMITS, Counts, PenaltyBox, TokenBucket, client_ip
 from .redisio import unavailable_on_redis_errors
 from .session import Subscription
 
@@ -56,8 +55,6 @@ SLOW_CONSUMER_GRACE_S = 2.0
 # client has sent nothing this long after the upgrade stops counting: idle sockets (from one
 # address, up to CHAT_MAX_CONNECTIONS_PER_IP) must not keep the node refusing everyone else.
 SILENT_HELLO_GRACE_S = 2.0
-
-TOO_DEEP = "frame nested too deeply"  # node.protocol's message past CHAT_MAX_JSON_DEPTH
 
 for _limit in LIMITS:  # every series exists from the first scrape
     METRICS.rate_limited.labels(limit=_limit)
@@ -130,8 +127,6 @@ class WsServer:
         self.hellos: set[ServerConnection] = set()
         self._silent: dict[ServerConnection, asyncio.TimerHandle] = {}  # no frame yet
         METRICS.hellos_in_progress.set_function(lambda: float(len(self.hellos)))
-        # create_room per user, per node; shared with the HTTP API's /api/v1/command.
-        self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
         self.penalty = PenaltyBox(s.abuse_closes_max, s.abuse_window_s, s.abuse_penalty_s)
 
     # -- handshake --------------------------------------------------------------------------
@@ -190,13 +185,6 @@ class WsServer:
                 del self._handshaking[ws]
                 self.ip_counts.remove(ip)
                 self.hellos.discard(ws)
-
-    def check_create_room(self, user: str) -> None:
-        """CHAT_CREATE_ROOM_PER_MIN per user and node; raises ``rate_limited``."""
-        if not self.create_room_buckets.take(user, time.monotonic()):
-            METRICS.rate_limited.labels(limit="create_room").inc()
-            wait = self.create_room_buckets.retry_after(user)
-            raise RateLimited(f"too many rooms created; retry in {max(1, round(wait))} s")
 
     # -- connection -------------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
@@ -274,13 +262,12 @@ class WsServer:
     def _protocol_error(self, conn: Connection, kind: str, ref: Any, exc: ChatError) -> bool:
         """Reply with the error; returns False once the connection must be closed (4502)."""
         METRICS.protocol_errors.labels(kind=kind).inc()
-        if exc.message == TOO_DEEP:
-            METRICS.rate_limited.labels(limit="json_depth").inc()
+        outcome = refused(ref, exc)
         conn.protocol_errors += 1
         if conn.protocol_errors > self.node.settings.protocol_errors_max:
             conn.close_soon(CloseCodes.PROTOCOL, "protocol violation")
             return False
-        self._reply(conn, protocol.reply_error(ref, error_body(exc)))
+        self._reply(conn, outcome.encode())
         return True
 
     async def _hello(self, conn: Connection) -> bool:
@@ -422,35 +409,16 @@ class WsServer:
                     break
                 self._reply(conn, protocol.reply_error(ref, error_body(RateLimited("slow down"))))
                 continue
-            if frame["type"] == "hello":
-                self._reply(conn, protocol.reply_error(ref, error_body(BadRequest("already said hello"))))
-                continue
-            try:
-                if frame["type"] == "refresh":
+            if frame["type"] == "refresh":  # the WebSocket's own frame: renew the token
+                try:
                     self._reply(conn, protocol.reply_ok(ref, self._refresh(conn, frame)))
-                    continue
-                if frame["type"] == "create_room":
-                    self.check_create_room(conn.caller.user)
-                data = await node.commands.dispatch(conn.caller, frame)
-            except ChatError as exc:
-                count_limit(frame, exc)
-                self._reply(conn, protocol.reply_error(ref, error_body(exc)))
+                except ChatError as exc:
+                    self._reply(conn, refused(ref, exc).encode())
                 continue
-            except Exception as exc:
-                node.errors.error("command", exc, conn=conn.id, command=frame["type"])
-                self._reply(conn, protocol.reply_error(ref, error_body(exc)))
-                continue
-            if frame["type"] == "typing" and ref is None:
+            outcome = await node.commands.execute(conn.caller, frame)
+            if frame["type"] == "typing" and ref is None and outcome.ok:
                 continue  # typing needs no reply unless the client asked for one
-            self._reply(conn, protocol.reply_ok(ref, data))
-
-
-def count_limit(frame: dict[str, Any], exc: ChatError) -> None:
-    """Count a command refused by a size limit of the core in chatcluster_rate_limited_total."""
-    if isinstance(exc, TooLarge) and frame.get("type") == "send":
-        METRICS.rate_limited.labels(limit="text_chars").inc()
-    elif exc.limit is not None:
-        METRICS.rate_limited.labels(limit=exc.limit).inc()
+            self._reply(conn, outcome.encode())
 
 
 def _loose(raw: str) -> Any:
