@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -165,11 +166,34 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
+_CSP_SOURCE = re.compile(r"^(?:https?://)?(?:\*\.)?[a-z0-9.-]+(?::[0-9]{1,5})?\Z")
+
+
+def _frame_ancestors(allowed: tuple[str, ...], host: str | None) -> str:
+    """CSP ``frame-ancestors`` for the demo page: the origins of CHAT_ALLOWED_ORIGINS (what
+    origins.origin_allowed accepts), so only they may frame it (the widget's iframe)."""
+    sources = ["'self'"]
+    for pattern in allowed:
+        p = pattern.strip().rstrip("/").lower()
+        if p == "*":
+            sources.append("*")
+        elif p != "null" and _CSP_SOURCE.match(p):  # "null" or junk: no origin CSP can name
+            # A source without a scheme would mean the page's own scheme only: spell both out.
+            sources.extend([p] if "://" in p else [f"http://{p}", f"https://{p}"])
+    if not allowed and host:  # the default: the node's own host name, any scheme and port
+        name = host.strip().lower()
+        name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+        if _CSP_SOURCE.match(name) and "*" not in name:
+            sources.extend([f"http://{name}:*", f"https://{name}:*"])
+    return "frame-ancestors " + " ".join(dict.fromkeys(sources))
+
+
 async def index(request: web.Request) -> web.StreamResponse:
     page = STATIC_DIR / "index.html"
     if not page.exists():
         raise web.HTTPNotFound(reason="demo page not installed")
-    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+    csp = _frame_ancestors(request.app[NODE_KEY].settings.allowed_origins, request.host)
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache", "Content-Security-Policy": csp})
 
 
 async def client_config(request: web.Request) -> web.Response:
@@ -181,6 +205,9 @@ async def client_config(request: web.Request) -> web.Response:
         "ws_path": "/ws", "limits": s.public_limits(),
         "poll": {"min_ms": s.poll_min_ms, "max_ms": s.poll_max_ms, "decay": s.poll_decay,
                  "unfocused_ms": s.poll_unfocused_ms},
+        # ?parent=ORIGIN: may that origin frame the demo page and hand it a login (widget.js)?
+        **({"parent_allowed": origin_allowed(request.query["parent"], s.allowed_origins, request.host)}
+           if "parent" in request.query else {}),
     })
 
 

@@ -7,7 +7,8 @@ import { ChatClient, attachBadge, compareIds, dmPeer, userIdFromName } from "./c
 
 const $ = (sel) => document.querySelector(sel);
 const params = new URLSearchParams(location.search);
-const embedded = params.has("embed") && window.parent !== window;
+const framed = window.parent !== window;
+const embedded = params.has("embed") && framed;
 const compact = params.has("compact") || params.has("embed");
 const LOGIN_KEY = "chatcluster:login";
 const ROOM_KEY = "chatcluster:room";
@@ -28,15 +29,54 @@ const store = {
   setItem: (k, v) => {
     if (local) { local.setItem(k, v); return; }
     memory.set(k, String(v));
-    if (embedded) parent.postMessage({ type: "chatcluster:store", key: k, value: String(v) }, parentOrigin);
+    toParent({ type: "chatcluster:store", key: k, value: String(v) });
   },
   removeItem: (k) => {
     if (local) { local.removeItem(k); return; }
     memory.delete(k);
-    if (embedded) parent.postMessage({ type: "chatcluster:store", key: k, value: null }, parentOrigin);
+    toParent({ type: "chatcluster:store", key: k, value: null });
   },
 };
-const parentOrigin = (() => { try { return new URL(document.referrer).origin; } catch { return "*"; } })();
+
+// -- framing ---------------------------------------------------------------------------------
+// Framed (the widget's iframe), the page trusts its parent only once the node has said that the
+// parent's origin is allowed (CHAT_ALLOWED_ORIGINS, matched by the node: GET
+// /api/v1/config?parent=ORIGIN). Until then, and for ever if it is not, no message from the
+// parent is taken (no login, no stored state) and none is sent to it; a framed page whose parent
+// is refused shows nothing (the node's frame-ancestors header already stops browsers from
+// rendering "/" there; this also covers /static/index.html and browsers without CSP).
+let parentOrigin = null; // the parent's verified origin: the only one messages go to or come from
+let frameRefused = false;
+const framerHint = (() => {
+  if (!framed) return null;
+  // Authoritative where it exists (Chromium, Safari); else the referrer, a hint only: what the
+  // parent sends is checked by its own event.origin, and postMessage delivers to the parent only
+  // if it has the origin named.
+  try { if (location.ancestorOrigins && location.ancestorOrigins.length) return location.ancestorOrigins[0]; } catch { /* none */ }
+  try { return new URL(document.referrer).origin; } catch { return null; }
+})();
+const originChecks = new Map();
+function parentAllowed(origin) {
+  if (typeof origin !== "string" || !origin) return Promise.resolve(false);
+  if (!originChecks.has(origin)) {
+    originChecks.set(origin, fetch(`/api/v1/config?parent=${encodeURIComponent(origin)}`, { cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : {})).then((c) => c.parent_allowed === true, () => false));
+  }
+  return originChecks.get(origin);
+}
+function toParent(msg) {
+  if (embedded && parentOrigin && !frameRefused) parent.postMessage(msg, parentOrigin);
+}
+function refuseFrame(origin) {
+  frameRefused = true;
+  parentOrigin = null;
+  document.body.dataset.frame = "refused";
+  const note = document.createElement("p");
+  note.className = "frame-refused";
+  note.textContent = `This chat may not be embedded in ${origin || "this page"}: the node's CHAT_ALLOWED_ORIGINS does not list it.`;
+  document.body.append(note);
+  console.warn(`chatcluster: refused to run framed by ${origin || "an unknown origin"} (not in CHAT_ALLOWED_ORIGINS)`);
+}
 document.body.classList.toggle("compact", compact);
 
 // -- icons (inline SVG: no icon font, no emoji font needed) --------------------------------
@@ -331,7 +371,7 @@ function renderRooms() {
   const other = total - ((client.rooms.get(current) || {}).unread || 0);
   $("#menu-badge").hidden = other <= 0;
   $("#menu-badge").textContent = other > 99 ? "99+" : other;
-  if (embedded) parent.postMessage({ type: "chatcluster:unread", count: total }, parentOrigin);
+  toParent({ type: "chatcluster:unread", count: total });
 }
 
 function renderHeader() {
@@ -738,9 +778,17 @@ $("#scrim").addEventListener("click", () => document.body.classList.remove("draw
 
 // -- embedding -------------------------------------------------------------------------------------
 if (embedded) {
-  addEventListener("message", (e) => {
+  addEventListener("message", async (e) => {
     const d = e.data;
-    if (e.source !== window.parent || !d) return;
+    if (e.source !== window.parent || !d || typeof d !== "object" || frameRefused) return;
+    // Only from the parent, and only if its origin is allowed: a login or stored state from any
+    // other page that frames this one is ignored.
+    if (e.origin !== parentOrigin) {
+      if (parentOrigin || (framerHint && e.origin !== framerHint) || !(await parentAllowed(e.origin))) return;
+      if (frameRefused || (parentOrigin && parentOrigin !== e.origin)) return;
+      parentOrigin = e.origin;
+      document.body.dataset.frame = "trusted";
+    }
     if (d.type === "chatcluster:focus") {
       if (client && current) client.markRead(current);
       input.focus();
@@ -772,16 +820,28 @@ function waitForInit(ms) {
 
 // -- boot ------------------------------------------------------------------------------------------
 (async function boot() {
+  const parentCheck = framed && framerHint ? parentAllowed(framerHint) : null; // meanwhile
   try {
     config = await (await fetch("/api/v1/config", { cache: "no-store" })).json();
   } catch {
     config = { auth: "dev" };
   }
+  if (parentCheck) {
+    if (!(await parentCheck)) { refuseFrame(framerHint); return; }
+    parentOrigin = parentOrigin || framerHint;
+    document.body.dataset.frame = "trusted";
+  } else if (framed && !embedded) {
+    refuseFrame(null);
+    return;
+  }
   let fromHost = null;
   if (embedded) {
     const init = waitForInit(3000);
-    parent.postMessage({ type: "chatcluster:ready" }, parentOrigin);
+    // `ready` carries nothing: with the parent's origin unknown (no ancestorOrigins, no referrer)
+    // it may go to any origin; the answer is taken only from an allowed one.
+    parent.postMessage({ type: "chatcluster:ready" }, parentOrigin || "*");
     fromHost = await init;
+    if (!parentOrigin) { refuseFrame(null); return; }
   }
   const login = fromHost && (fromHost.token || fromHost.user) ? fromHost : savedLogin();
   if (login && (login.token || login.user)) {

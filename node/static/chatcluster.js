@@ -125,8 +125,11 @@ export class LockElection {
   }
 
   start() {
-    this._abort = new AbortController();
-    this.locks.request(this.name, { mode: "exclusive", signal: this._abort.signal }, () => {
+    const abort = this._abort = new AbortController();
+    this.locks.request(this.name, { mode: "exclusive", signal: abort.signal }, () => {
+      // Granted after stop() (the grant was already on its way when the abort came): give the
+      // lock back at once, or this stopped election would hold it for ever and no tab would lead.
+      if (abort.signal.aborted) return undefined;
       this.isLeader = true;
       this.onChange(true);
       return new Promise((resolve) => { this._release = resolve; });
@@ -398,6 +401,9 @@ export class ChatClient {
       this.config = { auth: this.token ? "jwt" : "dev", poll: DEFAULT_POLL };
     }
     this.pollConfig = { ...DEFAULT_POLL, ...(this.config.poll || {}) };
+    // Closed while the config was on its way (the page switched user at once): start nothing, or
+    // this dead client would join the election, take the lock and keep the next one from leading.
+    if (this._stopped) return this;
     this._setupTabs();
     this._watchFocus();
     return this;

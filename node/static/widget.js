@@ -14,8 +14,10 @@
   var d = script.dataset;
   var server = (d.server || new URL(script.src, location.href).origin).replace(/\/$/, "");
   var serverOrigin = new URL(server).origin;
+  if (!/^https?:$/.test(new URL(server).protocol)) return; // data-server is a chat node's URL, nothing else
   var side = d.position === "left" ? "left" : "right";
-  var color = d.color || "#4f46e5";
+  // Host attributes are data, never markup or style sheet text: the label goes in through
+  // setAttribute only, the colour through style.setProperty (which drops what is not a value).
   var label = d.label || "Chat";
   var login = d.token ? { token: d.token } : d.user ? { user: d.user, name: d.name || d.user } : null;
 
@@ -23,11 +25,11 @@
   var host = document.createElement("div");
   host.id = "chatcluster-widget";
   var root = host.attachShadow ? host.attachShadow({ mode: "open" }) : host;
-  root.innerHTML =
-    "<style>" +
+  var style = document.createElement("style");
+  style.textContent =
     ":host{all:initial}" +
     ".wrap{position:fixed;bottom:20px;" + side + ":20px;z-index:2147483000;font:14px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif}" +
-    ".launcher{width:56px;height:56px;border-radius:50%;border:0;background:" + color + ";color:#fff;cursor:pointer;display:grid;place-items:center;" +
+    ".launcher{width:56px;height:56px;border-radius:50%;border:0;background:#4f46e5;color:#fff;cursor:pointer;display:grid;place-items:center;" +
     "box-shadow:0 8px 24px rgba(20,20,50,.25);transition:transform .15s;position:relative;margin-" + side + ":0;float:" + side + "}" +
     ".launcher:hover{transform:scale(1.06)}.launcher svg{width:26px;height:26px}" +
     ".badge{position:absolute;top:-4px;right:-4px;min-width:20px;height:20px;padding:0 6px;border-radius:10px;background:#ef4444;color:#fff;" +
@@ -39,17 +41,24 @@
     "iframe{border:0;width:100%;height:100%;display:block}" +
     "[hidden]{display:none!important}" +
     "@media (max-width:480px){.panel{position:fixed;inset:0;width:auto;height:auto;max-height:none;max-width:none;border-radius:0;bottom:0}" +
-    ".panel:not(.closed)+.launcher{display:none}}" +
-    "</style>" +
-    "<div class='wrap'>" +
-    "<div class='panel closed' role='dialog' aria-label='" + label + "'></div>" +
-    "<button class='launcher' aria-label='Open " + label + "' aria-expanded='false'>" +
-    "<svg viewBox='0 0 24 24' fill='none' stroke='currentColor' stroke-width='2' stroke-linecap='round' stroke-linejoin='round'>" +
-    "<path d='M21 12a8 8 0 0 1-11.6 7.1L4 20l1-4.6A8 8 0 1 1 21 12z'/></svg>" +
-    "<span class='badge' hidden></span></button></div>";
-  var panel = root.querySelector(".panel");
-  var launcher = root.querySelector(".launcher");
-  var badge = root.querySelector(".badge");
+    ".panel:not(.closed)+.launcher{display:none}}";
+
+  function node(tag, attrs, ns) {
+    var e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
+    for (var k in attrs) if (Object.prototype.hasOwnProperty.call(attrs, k)) e.setAttribute(k, attrs[k]);
+    for (var i = 3; i < arguments.length; i++) e.appendChild(arguments[i]);
+    return e;
+  }
+  var SVG = "http://www.w3.org/2000/svg";
+  var panel = node("div", { "class": "panel closed", role: "dialog", "aria-label": label });
+  var badge = node("span", { "class": "badge", hidden: "" });
+  var launcher = node("button", { "class": "launcher", "aria-label": "Open " + label, "aria-expanded": "false" }, null,
+    node("svg", { viewBox: "0 0 24 24", fill: "none", stroke: "currentColor", "stroke-width": "2", "stroke-linecap": "round",
+      "stroke-linejoin": "round" }, SVG, node("path", { d: "M21 12a8 8 0 0 1-11.6 7.1L4 20l1-4.6A8 8 0 1 1 21 12z" }, SVG)),
+    badge);
+  if (d.color) launcher.style.setProperty("background", d.color);
+  root.appendChild(style);
+  root.appendChild(node("div", { "class": "wrap" }, null, panel, launcher));
   var frame = null;
 
   // Browsers that deny storage to third-party iframes: the chat keeps its cursors and cached

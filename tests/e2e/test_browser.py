@@ -236,12 +236,14 @@ def test_screenshots_desktop_and_phone(start_nodes: Any, contexts: Any, tmp_path
     assert (out / "phone.png").stat().st_size > 10_000
 
 
-def serve_host_page(html: str) -> tuple[str, ThreadingHTTPServer]:
-    """A stand-in for the host application: any page, on another origin than the node."""
+def serve_host_page(html: str | list[str]) -> tuple[str, ThreadingHTTPServer]:
+    """A stand-in for the host application: any page, on another origin than the node (``html``
+    in a list: read at each request, so it may be completed once the server's origin is known)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            body = html.replace("{path}", self.path).encode()
+            page = html[0] if isinstance(html, list) else html
+            body = page.replace("{path}", self.path).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -257,10 +259,12 @@ def serve_host_page(html: str) -> tuple[str, ThreadingHTTPServer]:
 
 
 def test_widget_embeds_the_chat_in_a_host_page(start_nodes: Any, contexts: Any) -> None:
-    (node,) = start_nodes(1)
-    host, server = serve_host_page(
-        "<!doctype html><title>Host app</title><h1>Host page {path}</h1>"
-        f'<script src="{node.http_url}/static/widget.js" data-user="erin" data-name="Erin" async></script>')
+    from .test_embed_security import embed_env
+
+    html = ["<!doctype html><title>Host app</title><h1>Host page {path}</h1>"]
+    host, server = serve_host_page(html)
+    (node,) = start_nodes(1, **embed_env(host))  # only an allowed origin may embed the chat
+    html[0] += f'<script src="{node.http_url}/static/widget.js" data-user="erin" data-name="Erin" async></script>'
     try:
         page = contexts().new_page()
         page.goto(host + "/orders")
