@@ -98,6 +98,7 @@ class DurableAppend:
         self.cluster = isinstance(redis, RedisCluster)
         self._clients: dict[str, Any] = {}  # cluster: master name -> its pooled client
         self._short: dict[str, float] = {}  # server name -> when its WAIT came back short
+        self._loaded: set[str] = set()  # servers the script was loaded on by this node
 
     async def __call__(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         loop = asyncio.get_running_loop()
@@ -125,6 +126,9 @@ class DurableAppend:
 
     async def _attempt(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         client, name = self._client_for(keys[0])
+        if name not in self._loaded:  # else the first WAIT would be paid twice (NOSCRIPT, again)
+            await client.script_load(self.script.script)
+            self._loaded.add(name)
         short_since = self._short.get(name)
         pipe = client.pipeline(transaction=False)
         pipe.evalsha(self.script.sha, len(keys), *keys, *args)
@@ -135,6 +139,9 @@ class DurableAppend:
         result, check = await pipe.execute(raise_on_error=False)
         if isinstance(result, rexc.NoScriptError):
             # Scripts are not replicated: a promoted replica, or a restarted server, lacks it.
+            # Its WAIT still ran; if short, this server lacks replicas: do not wait again.
+            if short_since is None and isinstance(check, int) and check < self.replicas:
+                self._short[name] = time.monotonic()
             await client.script_load(self.script.script)
             raise _NoScript
         if isinstance(result, BaseException):
@@ -183,6 +190,7 @@ class DurableAppend:
         for name in [n for n in self._clients if n not in masters]:
             client = self._clients.pop(name)
             self._short.pop(name, None)
+            self._loaded.discard(name)
             try:
                 await client.aclose()
             except Exception:

@@ -77,12 +77,14 @@ async def timed_send(client: ChatClient, text: str) -> tuple[dict[str, Any], flo
 async def test_without_replicas_acks_come_quickly_with_durable_false(start_nodes, clients):
     on, off = start_nodes(1, CHAT_REDIS_WAIT_REPLICAS=1) + start_nodes(1)
     sender = await clients(on.ws_url, user="alice")
-    start = time.perf_counter()
-    replies = [(await timed_send(sender, f"m{i}"))[0] for i in range(20)]
-    elapsed = time.perf_counter() - start
-    # The first WAIT runs out its 1 s timeout; the server is then known to be short of replicas
-    # and the rest are acknowledged at once.
-    assert elapsed < 4.0, f"20 acks took {elapsed:.1f}s"
+    timed = [await timed_send(sender, f"m{i}") for i in range(20)]
+    replies = [reply for reply, _ in timed]
+    took = [t for _, t in timed]
+    # The first WAIT runs out its 1 s timeout (once: not again after loading the script); the
+    # server is then known to be short of replicas and the rest are acknowledged at once.
+    assert 0.9 <= took[0] < 1.9, f"first ack after {took[0]:.2f}s"
+    assert sum(took[1:]) < 2.0, f"19 more acks took {sum(took[1:]):.1f}s"
+    print(f"\nno replica, WAIT 1: first ack {took[0]:.2f}s, 19 more in {sum(took[1:]):.2f}s")
     assert all(r["durable"] is False for r in replies)
     assert len({r["id"] for r in replies}) == 20
     history = await sender.history("general", limit=50)
