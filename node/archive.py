@@ -64,9 +64,6 @@ class ArchiveResult:
                 "exported": self.exported, "trimmed": self.trimmed}
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def next_id(sid: str) -> str:
     """The smallest stream id greater than ``sid``."""
@@ -94,7 +91,7 @@ async def _servers(client: Any) -> list[tuple[aioredis.Redis, bool]]:
 
 async def _room_streams(server: aioredis.Redis, keys: Keys) -> AsyncIterator[tuple[str, str]]:
     async for raw in server.scan_iter(match=STREAM_PATTERN, count=1000, _type="stream"):
-        key = _s(raw)
+        key = redisio.as_str(raw)
         room = keys.stream_room(key)
         if room is not None:
             yield key, room
@@ -105,7 +102,7 @@ async def _export_room(client: Any, room: RoomExport, gz: Any, batch: int) -> No
     while True:
         entries = await client.xrange(room.key, start, "(" + room.cut, count=batch)
         for raw_id, fields in entries:
-            sid = _s(raw_id)
+            sid = redisio.as_str(raw_id)
             gz.write(archive_line(room.room, sid, fields))
             room.exported += 1
             room.last_id = sid

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
@@ -31,7 +31,16 @@ from .ratelimit import KeyedBuckets
 from .unread import unread_count
 
 if TYPE_CHECKING:
-    from .app import Node
+    from .config import Settings
+    from .ephemeral import Ephemeral
+    from .personal import PersonalStreams
+    from .presence import Presence
+    from .rooms import Rooms
+    from .session import Sessions, Subscription
+    from .streams import RoomStreams
+    from .summaries import RoomSummaries
+    from .supervise import ThrottledLog
+    from .unread import ReadMarkers
 
 Handler = Callable[["Caller", dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -90,7 +99,7 @@ class Caller:
     identity: Identity
     session_id: str
     transport: str  # "ws" or "http"
-    extra: dict[str, Any] = field(default_factory=dict)
+    live: Subscription | None = None  # the WebSocket session a command comes from
 
     @property
     def user(self) -> UserId:
@@ -116,8 +125,19 @@ def parse_text_command(text: str, room: str) -> dict[str, Any] | None:
 
 
 class Commands:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, rooms: Rooms, streams: RoomStreams, sessions: Sessions,
+                 summaries: RoomSummaries, presence: Presence, unread: ReadMarkers,
+                 personal: PersonalStreams, ephemeral: Ephemeral, errors: ThrottledLog) -> None:
+        self.settings = settings
+        self.rooms = rooms
+        self.streams = streams
+        self.sessions = sessions
+        self.summaries = summaries
+        self.presence = presence
+        self.unread = unread
+        self.personal = personal
+        self.ephemeral = ephemeral
+        self.errors = errors
         self.handlers: dict[str, Handler] = {
             "send": self.send,
             "history": self.history,
@@ -127,14 +147,14 @@ class Commands:
             "create_room": self.create_room,
             "invite": self.invite,
             "dm": self.dm,
-            "rooms": self.rooms,
+            "rooms": self.list_rooms,
             "who": self.who,
             "where": self.where,
             "read": self.read,
             "typing": self.typing,
         }
         self._typing_seen: dict[tuple[str, str], float] = {}
-        s = node.settings
+        s = settings
         # create_room per user, per node, whatever the transport.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
 
@@ -155,7 +175,7 @@ class Commands:
         except ChatError as exc:
             return refused(ref, exc)
         except Exception as exc:
-            self.node.errors.error("command", exc, command=kind)
+            self.errors.error("command", exc, command=kind)
             return Outcome(ref, error=Internal("internal error"))
 
     def _check_create_room(self, user: str) -> None:
@@ -182,9 +202,8 @@ class Commands:
         return {}
 
     async def send(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         room = check_room_id(frame["room"])
-        text = check_text(frame["text"], node.settings.max_text_chars)
+        text = check_text(frame["text"], self.settings.max_text_chars)
         if text.startswith("/"):
             mapped = parse_text_command(text, room)
             if mapped is not None:
@@ -193,14 +212,13 @@ class Commands:
         cmid = frame.get("cmid")
         if cmid is not None and not CMID_RE.match(cmid):
             raise BadRequest("cmid must match ^[A-Za-z0-9_.:-]{1,64}$")
-        await node.rooms.require_reader(caller.user, room)
-        appended = await node.publish(room, caller.user, caller.identity.name, text, cmid)
+        await self.rooms.require_reader(caller.user, room)
+        appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid)
         return {"id": appended.id, "seq": appended.seq, "ts": appended.ts,
                 **({"duplicate": True} if appended.duplicate else {}),
                 **({} if appended.durable is None else {"durable": appended.durable})}
 
     async def history(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         room = check_room_id(frame["room"])
         before, after = frame.get("before"), frame.get("after")
         if before is not None and after is not None:
@@ -210,10 +228,10 @@ class Commands:
         if after is not None:
             check_stream_id(after, "after")
         limit = frame.get("limit", 50)
-        if not 1 <= limit <= node.settings.history_limit_max:
-            raise BadRequest(f"limit must be 1..{node.settings.history_limit_max}")
-        await node.rooms.require_reader(caller.user, room)
-        entries, more = await node.streams.history(room, before=before, after=after, limit=limit)
+        if not 1 <= limit <= self.settings.history_limit_max:
+            raise BadRequest(f"limit must be 1..{self.settings.history_limit_max}")
+        await self.rooms.require_reader(caller.user, room)
+        entries, more = await self.streams.history(room, before=before, after=after, limit=limit)
         messages = [message_event(room, sid.decode(), fields) for sid, fields in entries]
         for m in messages:
             del m["type"]
@@ -221,61 +239,57 @@ class Commands:
 
     # -- rooms -------------------------------------------------------------------------------
     async def create_room(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
-        s = node.settings
+        s = self.settings
         name = check_display_name(frame["name"])
         members = frame.get("members") or []
         if not all(isinstance(m, str) for m in members):
             raise BadRequest("members must be user ids")
         for m in members:
             check_user_id(m)
-        meta, added = await node.rooms.create(caller.user, name, frame["visibility"], members,
+        meta, added = await self.rooms.create(caller.user, name, frame["visibility"], members,
                                               s.max_rooms_per_user, s.max_room_members)
-        summary = await node.joined(caller, meta, [caller.user, *added], inviter=caller.user)
+        summary = await self.sessions.joined(caller.user, caller.live, meta, [caller.user, *added], inviter=caller.user)
         left_out = sorted(set(members) - set(added) - {caller.user})
         # Members already in CHAT_MAX_ROOMS_PER_USER rooms were not added: say who.
         return {"room": summary, **({"not_added": left_out} if left_out else {})}
 
     async def join(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
-        s = node.settings
-        meta, _ = await node.rooms.join(caller.user, frame["room"], s.max_rooms_per_user, s.max_room_members)
-        summary = await node.joined(caller, meta, [caller.user])
+        s = self.settings
+        meta, _ = await self.rooms.join(caller.user, frame["room"], s.max_rooms_per_user, s.max_room_members)
+        summary = await self.sessions.joined(caller.user, caller.live, meta, [caller.user])
         return {"room": summary}
 
     async def leave(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        meta = await self.node.rooms.leave(caller.user, frame["room"])
-        await self.node.left(caller, meta.room)
+        meta = await self.rooms.leave(caller.user, frame["room"])
+        await self.sessions.left(caller.user, caller.live, meta.room)
         return {}
 
     async def invite(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
-        s = node.settings
+        s = self.settings
         invitee = check_user_id(frame["user"])
-        meta, added = await node.rooms.invite(caller.user, frame["room"], invitee,
+        meta, added = await self.rooms.invite(caller.user, frame["room"], invitee,
                                               s.max_rooms_per_user, s.max_room_members)
         if added:
-            await node.joined(None, meta, [invitee], inviter=caller.user)
+            await self.sessions.joined(caller.user, None, meta, [invitee], inviter=caller.user,
+                                        summary_for_user=False)
         return {}
 
     async def dm(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         other = check_user_id(frame["user"])
-        meta, new = await node.rooms.dm(caller.user, other, node.settings.max_rooms_per_user)
+        meta, new = await self.rooms.dm(caller.user, other, self.settings.max_rooms_per_user)
         users: list[str] = [caller.user, other] if new else [caller.user]
-        summary = await node.joined(caller, meta, users, announce=new)
+        summary = await self.sessions.joined(caller.user, caller.live, meta, users, announce=new)
         return {"room": summary}
 
-    async def rooms(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
+    async def list_rooms(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         query = frame.get("query")
         if query is not None and len(query) > 80:
             raise BadRequest("query longer than 80 characters")
-        mine = await node.rooms.user_rooms(caller.user)
-        open_rooms = await node.rooms.open_rooms(query)
+        mine = await self.rooms.user_rooms(caller.user)
+        open_rooms = await self.rooms.open_rooms(query)
         needle = (query or "").strip().lower()
         ids = list(dict.fromkeys([*mine, *open_rooms]))
-        metas = await node.streams.metas(ids)
+        metas = await self.streams.metas(ids)
         listed = []
         for room in ids:
             meta = metas.get(room)
@@ -284,55 +298,51 @@ class Commands:
             if needle and needle not in meta.name.lower() and needle not in room:
                 continue
             listed.append(meta)
-        summaries = await node.summaries(caller.user, {m.room: m for m in listed[:200]})
+        summaries = await self.summaries.summaries(caller.user, {m.room: m for m in listed[:200]})
         for summary in summaries:
             summary["member"] = summary["id"] in mine
         return {"rooms": summaries}
 
     async def who(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         room = check_room_id(frame["room"])
         limit = frame.get("limit", 100)
         if not 1 <= limit <= 1000:
             raise BadRequest("limit must be 1..1000")
-        await node.rooms.require_reader(caller.user, room)
-        users, count = await node.who(room, limit)
-        names = await node.presence.names(users)
+        await self.rooms.require_reader(caller.user, room)
+        users, count = await self.summaries.who(room, limit)
+        names = await self.presence.names(users)
         return {"online": [{"id": u, "name": names.get(u) or u} for u in users], "count": count}
 
     async def where(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         target = check_user_id(frame["user"])
-        online, last_seen = await node.presence.status(target)
-        theirs = await node.rooms.user_rooms(UserId(target))
-        visible = await node.rooms.visible_to(caller.user, list(theirs))
+        online, last_seen = await self.presence.status(target)
+        theirs = await self.rooms.user_rooms(UserId(target))
+        visible = await self.rooms.visible_to(caller.user, list(theirs))
         return {"user": target, "online": online, "last_seen": last_seen, "rooms": visible}
 
     async def read(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         room = check_room_id(frame["room"])
         sid = check_stream_id(frame["id"])
-        acc = await node.rooms.require_reader(caller.user, room)
-        seq = await node.streams.seq_at(room, sid, acc.meta)
-        read_id, read_seq = await node.unread.mark(caller.user, room, sid, seq)
-        meta = await node.streams.meta(room) or acc.meta
+        acc = await self.rooms.require_reader(caller.user, room)
+        seq = await self.streams.seq_at(room, sid, acc.meta)
+        read_id, read_seq = await self.unread.mark(caller.user, room, sid, seq)
+        meta = await self.streams.meta(room) or acc.meta
         unread = unread_count(meta.seq, f"{read_id} {read_seq}")
-        await node.personal.publish(caller.user, {"type": "unread", "room": room, "unread": unread,
+        await self.personal.publish(caller.user, {"type": "unread", "room": room, "unread": unread,
                                                   "read_id": read_id})
         return {"unread": unread, "read_id": read_id}
 
     async def typing(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
-        node = self.node
         room = check_room_id(frame["room"])
         key = (caller.user, room)
         now = time.monotonic()
-        interval = node.settings.typing_interval_ms / 1000.0
+        interval = self.settings.typing_interval_ms / 1000.0
         if now - self._typing_seen.get(key, 0.0) < interval:
             return {"sent": False}  # throttled locally: no Redis work at all
         if len(self._typing_seen) > 50_000:
             self._typing_seen = {k: t for k, t in self._typing_seen.items() if now - t < interval}
         self._typing_seen[key] = now
         if room != GENERAL:
-            await node.rooms.require_reader(caller.user, room)
-        sent = await node.ephemeral.typing(room, caller.user, caller.identity.name)
+            await self.rooms.require_reader(caller.user, room)
+        sent = await self.ephemeral.typing(room, caller.user, caller.identity.name)
         return {"sent": sent}

@@ -1,7 +1,7 @@
 """Settings: one frozen object built from ``CHAT_*`` environment variables and CLI flags.
 
-Every field is declared once in :data:`FIELDS` with its environment name, type, default and
-description. :func:`load` reads them, casts them, validates them and fails with
+Every field is declared once, in :class:`Settings`, with its type, environment name, default and
+description (:data:`FIELDS` is derived from it). :func:`load` reads them, casts them, validates them and fails with
 :class:`ConfigError` naming the key. The settings object is passed explicitly; there is no
 global.
 """
@@ -93,198 +93,394 @@ def _default_node_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("redis_url", "CHAT_REDIS_URL", str, "redis://127.0.0.1:6379/0",
-          "Redis URL: redis://, rediss://, or redis+cluster://host:port", _redis_url),
-    Field("redis_wait_replicas", "CHAT_REDIS_WAIT_REPLICAS", int, 0,
-          "After each append, WAIT for this many replicas (up to 1 s) before a send is acked, so "
-          "the ack survives a failover; fewer in time: acked with durable: false (0: off)",
-          _non_negative),
-    Field("host", "CHAT_HOST", str, "0.0.0.0", "Address the WebSocket and HTTP servers bind to"),
-    Field("ws_port", "CHAT_WS_PORT", int, 8000, "WebSocket port (0: pick a free one)", _port),
-    Field("http_port", "CHAT_HTTP_PORT", int, 8001,
-          "HTTP port: API, polling, demo page, /metrics, /healthz (0: pick a free one)", _port),
-    Field("node_id", "CHAT_NODE_ID", str, "", "Node name in logs, metrics and welcome (default: host + random)"),
-    Field("auth", "CHAT_AUTH", str, "jwt", "jwt, or dev (accepts hello with a bare user name)",
-          _one_of("jwt", "dev")),
-    Field("jwt_secret", "CHAT_JWT_SECRET", str, "",
-          "HS256 secret(s) for user tokens, comma-separated: the first signs, all verify (rotation)"),
-    Field("jwt_public_key", "CHAT_JWT_PUBLIC_KEY", str, "", "PEM public key for RS256/ES256 tokens"),
-    Field("jwks_file", "CHAT_JWKS_FILE", str, "",
-          "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it changes"),
-    Field("jwt_leeway_s", "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative),
-    Field("jwt_audience", "CHAT_JWT_AUDIENCE", str, "",
-          "Accepted aud values, comma-separated: when set, user tokens must name one (unset: aud not checked)"),
-    Field("jwt_issuer", "CHAT_JWT_ISSUER", str, "",
-          "Required iss of user tokens (unset: not checked); tokens the node signs carry it"),
-    Field("token_refresh_window_s", "CHAT_TOKEN_REFRESH_WINDOW_S", float, 60.0,
-          "A WebSocket whose token expired may send refresh for this long before it is closed 4500",
-          _non_negative),
-    Field("token_notice_s", "CHAT_TOKEN_NOTICE_S", float, 60.0,
-          "token_expiring is sent this long before a live connection's token expires", _non_negative),
-    Field("api_key", "CHAT_API_KEY", str, "", "Bearer key for the server endpoints (alerts, tokens, system messages)"),
-    Field("allowed_origins", "CHAT_ALLOWED_ORIGINS", _list, (),
-          "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com wildcards)"),
-    Field("drain_seconds", "CHAT_DRAIN_SECONDS", float, 30.0,
-          "On SIGTERM, closes (4001) are spread over this window", _non_negative),
-    Field("presence_ttl", "CHAT_PRESENCE_TTL", int, 30, "Seconds a session stays online without a heartbeat", _positive),
-    Field("history_maxlen", "CHAT_HISTORY_MAXLEN", int, 10000, "Messages kept per room (approximate trim)", _positive),
-    Field("history_max_age_s", "CHAT_HISTORY_MAX_AGE", duration, 0.0,
-          "Messages older than this are trimmed from a room when it gets a new one (approximate): "
-          "30d, 12h, seconds; 0: keep them (CHAT_HISTORY_MAXLEN still applies)", _non_negative),
-    Field("max_text_chars", "CHAT_MAX_TEXT_CHARS", int, 4000, "Longest message text, in characters", _positive),
-    Field("max_frame_bytes", "CHAT_MAX_FRAME_BYTES", int, 65536, "Largest client frame; larger closes 1009", _positive),
-    Field("outbound_buffer_bytes", "CHAT_OUTBOUND_BUFFER_BYTES", int, 1 << 20,
-          "Per-connection outbound buffer; a client over it is closed 4002", _positive),
-    Field("hello_timeout_s", "CHAT_HELLO_TIMEOUT_S", float, 10.0, "Time allowed for the first frame (hello)", _positive),
-    Field("replay_limit", "CHAT_REPLAY_LIMIT", int, 1000,
-          "Most messages replayed per room on resume; a larger gap gives recovered: false", _positive),
-    Field("history_limit_max", "CHAT_HISTORY_LIMIT_MAX", int, 100, "Largest history page", _positive),
-    Field("shards", "CHAT_SHARDS", int, 16,
-          "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data", _positive),
-    Field("read_count", "CHAT_READ_COUNT", int, 512, "Entries per XREAD call of a shard reader", _positive),
-    Field("read_block_ms", "CHAT_READ_BLOCK_MS", int, 5000, "Longest block of a shard reader's XREAD", _positive),
-    Field("read_linger_ms", "CHAT_READ_LINGER_MS", float, 2.0,
-          "After a shard read that returned entries, wait this long before the next one so busy "
-          "rooms are read and written in batches (0: read again at once)", _non_negative),
-    Field("ping_interval_s", "CHAT_PING_INTERVAL_S", float, 20.0, "WebSocket ping interval", _positive),
-    Field("cmid_ttl_s", "CHAT_CMID_TTL_S", int, 86400, "How long a client message id deduplicates sends", _positive),
-    Field("max_connections", "CHAT_MAX_CONNECTIONS", int, 50000, "WebSocket connections per node", _positive),
-    Field("protocol_errors_max", "CHAT_PROTOCOL_ERRORS_MAX", int, 10,
-          "Malformed frames tolerated per connection before close 4502", _positive),
-    Field("rate_per_s", "CHAT_RATE_PER_S", float, 20.0, "Commands per second per connection (token bucket)", _positive),
-    Field("rate_burst", "CHAT_RATE_BURST", int, 60, "Token bucket size per connection", _positive),
-    Field("rate_strikes_max", "CHAT_RATE_STRIKES_MAX", int, 20,
-          "Rate-limited commands tolerated before close 4003", _positive),
-    Field("max_connections_per_ip", "CHAT_MAX_CONNECTIONS_PER_IP", int, 200,
-          "WebSocket connections per client IP on one node, refused with HTTP 429 (0: no limit)", _non_negative),
-    Field("max_connections_per_user", "CHAT_MAX_CONNECTIONS_PER_USER", int, 20,
-          "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no limit)",
-          _non_negative),
-    Field("max_hellos_in_progress", "CHAT_MAX_HELLOS_IN_PROGRESS", int, 200,
-          "WebSocket handshakes admitted and not yet welcomed, per node; at the bound new handshakes "
-          "are refused with HTTP 503 + Retry-After (0: no limit)", _non_negative),
-    Field("admission_max_lag_ms", "CHAT_ADMISSION_MAX_LAG_MS", int, 500,
-          "Event-loop lag (last sample) over which new WebSocket handshakes are refused with HTTP 503 "
-          "+ Retry-After (0: off)", _non_negative),
-    Field("admission_retry_after_s", "CHAT_ADMISSION_RETRY_AFTER_S", int, 5,
-          "Retry-After of a handshake refused for overload: uniform in 1..this many seconds", _positive),
-    Field("trusted_proxies", "CHAT_TRUSTED_PROXIES", _list, (),
-          "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)"),
-    Field("create_room_per_min", "CHAT_CREATE_ROOM_PER_MIN", float, 10.0,
-          "create_room commands per minute per user and node (token bucket)", _positive),
-    Field("create_room_burst", "CHAT_CREATE_ROOM_BURST", int, 10, "create_room bucket size per user", _positive),
-    Field("http_max_body_bytes", "CHAT_HTTP_MAX_BODY_BYTES", int, 262144,
-          "Largest HTTP API body (session and poll carry cursors); commands use CHAT_MAX_FRAME_BYTES",
-          _positive),
-    Field("http_rate_per_s", "CHAT_HTTP_RATE_PER_S", float, 50.0,
-          "HTTP API requests per second per client IP and node (token bucket); over it: 429", _positive),
-    Field("http_rate_burst", "CHAT_HTTP_RATE_BURST", int, 200, "HTTP API bucket size per client IP", _positive),
-    Field("typing_interval_ms", "CHAT_TYPING_INTERVAL_MS", int, 3000, "Least time between typing events per user and room", _positive),
-    Field("typing_ttl_ms", "CHAT_TYPING_TTL_MS", int, 6000, "How long clients show a typing indicator", _positive),
-    Field("presence_room_limit", "CHAT_PRESENCE_ROOM_LIMIT", int, 200,
-          "Rooms with more members get throttled online counts instead of presence events", _positive),
-    Field("poll_min_ms", "CHAT_POLL_MIN_MS", int, 1000, "Poll interval after activity", _positive),
-    Field("poll_max_ms", "CHAT_POLL_MAX_MS", int, 30000, "Longest poll interval", _positive),
-    Field("poll_decay", "CHAT_POLL_DECAY", float, 1.5, "Poll interval growth per empty poll", lambda v: None if v >= 1 else "must be >= 1"),
-    Field("poll_unfocused_ms", "CHAT_POLL_UNFOCUSED_MS", int, 15000, "Least poll interval of an unfocused client", _positive),
-    Field("max_rooms_per_user", "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive),
-    Field("max_room_members", "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive),
-    Field("max_polls_per_user", "CHAT_MAX_POLLS_PER_USER", int, 4,
-          "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = off)",
-          _non_negative),
-    Field("max_json_depth", "CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
-          "Deepest nesting of a command frame (the frame object is level 1)",
-          lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64"),
-    Field("personal_maxlen", "CHAT_PERSONAL_MAXLEN", int, 500,
-          "Personal events (alerts, invitations) kept per user while offline", _positive),
-    Field("abuse_closes_max", "CHAT_ABUSE_CLOSES_MAX", int, 20,
-          "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its "
-          "handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables", _non_negative),
-    Field("abuse_window_s", "CHAT_ABUSE_WINDOW_S", float, 60.0, "Window counting abusive closes per address", _positive),
-    Field("abuse_penalty_s", "CHAT_ABUSE_PENALTY_S", float, 30.0, "How long an abusive address is refused", _positive),
-    Field("gc_freeze", "CHAT_GC_FREEZE", _bool, True,
-          "Move start-up objects out of the cyclic GC and collect young objects less often "
-          "(fewer stop-the-world pauses with many connections)"),
-    Field("log_format", "CHAT_LOG_FORMAT", str, "json", "json (one object per line) or text", _one_of("json", "text")),
-    Field("log_level", "CHAT_LOG_LEVEL", str, "INFO", "Python log level",
-          _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
-    Field("dev_force", "CHAT_DEV_FORCE", _bool, False, "Allow CHAT_AUTH=dev on a non-loopback address"),
-)
-
-FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+def setting(
+    env: str,
+    cast: Callable[[str], Any],
+    default: Any,
+    help: str,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """One setting of :class:`Settings`: its default, and (as metadata) how to read it."""
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "setting": {"env": env, "cast": cast, "default": default, "help": help, "check": check}
+        },
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str
-    redis_wait_replicas: int
-    host: str
-    ws_port: int
-    http_port: int
-    node_id: str
-    auth: str
-    jwt_secret: str
-    jwt_public_key: str
-    jwks_file: str
-    jwt_leeway_s: float
-    jwt_audience: str
-    jwt_issuer: str
-    token_refresh_window_s: float
-    token_notice_s: float
-    api_key: str
-    allowed_origins: tuple[str, ...]
-    drain_seconds: float
-    presence_ttl: int
-    history_maxlen: int
-    history_max_age_s: float
-    max_text_chars: int
-    max_frame_bytes: int
-    outbound_buffer_bytes: int
-    hello_timeout_s: float
-    replay_limit: int
-    history_limit_max: int
-    shards: int
-    read_count: int
-    read_block_ms: int
-    read_linger_ms: float
-    ping_interval_s: float
-    cmid_ttl_s: int
-    max_connections: int
-    protocol_errors_max: int
-    rate_per_s: float
-    rate_burst: int
-    rate_strikes_max: int
-    max_connections_per_ip: int
-    max_connections_per_user: int
-    max_hellos_in_progress: int
-    admission_max_lag_ms: int
-    admission_retry_after_s: int
-    trusted_proxies: tuple[str, ...]
-    create_room_per_min: float
-    create_room_burst: int
-    http_max_body_bytes: int
-    http_rate_per_s: float
-    http_rate_burst: int
-    typing_interval_ms: int
-    typing_ttl_ms: int
-    presence_room_limit: int
-    poll_min_ms: int
-    poll_max_ms: int
-    poll_decay: float
-    poll_unfocused_ms: int
-    max_rooms_per_user: int
-    max_room_members: int
-    max_json_depth: int
-    max_polls_per_user: int
-    personal_maxlen: int
-    abuse_closes_max: int
-    abuse_window_s: float
-    abuse_penalty_s: float
-    gc_freeze: bool
-    log_format: str
-    log_level: str
-    dev_force: bool
+    """Every setting, declared once: its type, environment variable, cast, default, help and
+    check. ``FIELDS`` and the README table are derived from this."""
+
+    redis_url: str = setting(
+        "CHAT_REDIS_URL",
+        str,
+        "redis://127.0.0.1:6379/0",
+        "Redis URL: redis://, rediss://, or redis+cluster://host:port",
+        _redis_url,
+    )
+    redis_wait_replicas: int = setting(
+        "CHAT_REDIS_WAIT_REPLICAS",
+        int,
+        0,
+        "After each append, WAIT for this many replicas (up to 1 s) before a send is acked, so "
+        "the ack survives a failover; fewer in time: acked with durable: false (0: off)",
+        _non_negative,
+    )
+    host: str = setting(
+        "CHAT_HOST", str, "0.0.0.0", "Address the WebSocket and HTTP servers bind to"
+    )
+    ws_port: int = setting("CHAT_WS_PORT", int, 8000, "WebSocket port (0: pick a free one)", _port)
+    http_port: int = setting(
+        "CHAT_HTTP_PORT",
+        int,
+        8001,
+        "HTTP port: API, polling, demo page, /metrics, /healthz (0: pick a free one)",
+        _port,
+    )
+    node_id: str = setting(
+        "CHAT_NODE_ID", str, "", "Node name in logs, metrics and welcome (default: host + random)"
+    )
+    auth: str = setting(
+        "CHAT_AUTH",
+        str,
+        "jwt",
+        "jwt, or dev (accepts hello with a bare user name)",
+        _one_of("jwt", "dev"),
+    )
+    jwt_secret: str = setting(
+        "CHAT_JWT_SECRET",
+        str,
+        "",
+        "HS256 secret(s) for user tokens, comma-separated: the first signs, all verify (rotation)",
+    )
+    jwt_public_key: str = setting(
+        "CHAT_JWT_PUBLIC_KEY", str, "", "PEM public key for RS256/ES256 tokens"
+    )
+    jwks_file: str = setting(
+        "CHAT_JWKS_FILE",
+        str,
+        "",
+        "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it changes",
+    )
+    jwt_leeway_s: float = setting(
+        "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative
+    )
+    jwt_audience: str = setting(
+        "CHAT_JWT_AUDIENCE",
+        str,
+        "",
+        "Accepted aud values, comma-separated: when set, user tokens must name one (unset: aud not checked)",
+    )
+    jwt_issuer: str = setting(
+        "CHAT_JWT_ISSUER",
+        str,
+        "",
+        "Required iss of user tokens (unset: not checked); tokens the node signs carry it",
+    )
+    token_refresh_window_s: float = setting(
+        "CHAT_TOKEN_REFRESH_WINDOW_S",
+        float,
+        60.0,
+        "A WebSocket whose token expired may send refresh for this long before it is closed 4500",
+        _non_negative,
+    )
+    token_notice_s: float = setting(
+        "CHAT_TOKEN_NOTICE_S",
+        float,
+        60.0,
+        "token_expiring is sent this long before a live connection's token expires",
+        _non_negative,
+    )
+    api_key: str = setting(
+        "CHAT_API_KEY",
+        str,
+        "",
+        "Bearer key for the server endpoints (alerts, tokens, system messages)",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        "CHAT_ALLOWED_ORIGINS",
+        _list,
+        (),
+        "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com wildcards)",
+    )
+    drain_seconds: float = setting(
+        "CHAT_DRAIN_SECONDS",
+        float,
+        30.0,
+        "On SIGTERM, closes (4001) are spread over this window",
+        _non_negative,
+    )
+    presence_ttl: int = setting(
+        "CHAT_PRESENCE_TTL",
+        int,
+        30,
+        "Seconds a session stays online without a heartbeat",
+        _positive,
+    )
+    history_maxlen: int = setting(
+        "CHAT_HISTORY_MAXLEN", int, 10000, "Messages kept per room (approximate trim)", _positive
+    )
+    history_max_age_s: float = setting(
+        "CHAT_HISTORY_MAX_AGE",
+        duration,
+        0.0,
+        "Messages older than this are trimmed from a room when it gets a new one (approximate): "
+        "30d, 12h, seconds; 0: keep them (CHAT_HISTORY_MAXLEN still applies)",
+        _non_negative,
+    )
+    max_text_chars: int = setting(
+        "CHAT_MAX_TEXT_CHARS", int, 4000, "Longest message text, in characters", _positive
+    )
+    max_frame_bytes: int = setting(
+        "CHAT_MAX_FRAME_BYTES", int, 65536, "Largest client frame; larger closes 1009", _positive
+    )
+    outbound_buffer_bytes: int = setting(
+        "CHAT_OUTBOUND_BUFFER_BYTES",
+        int,
+        1 << 20,
+        "Per-connection outbound buffer; a client over it is closed 4002",
+        _positive,
+    )
+    hello_timeout_s: float = setting(
+        "CHAT_HELLO_TIMEOUT_S", float, 10.0, "Time allowed for the first frame (hello)", _positive
+    )
+    replay_limit: int = setting(
+        "CHAT_REPLAY_LIMIT",
+        int,
+        1000,
+        "Most messages replayed per room on resume; a larger gap gives recovered: false",
+        _positive,
+    )
+    history_limit_max: int = setting(
+        "CHAT_HISTORY_LIMIT_MAX", int, 100, "Largest history page", _positive
+    )
+    shards: int = setting(
+        "CHAT_SHARDS",
+        int,
+        16,
+        "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data",
+        _positive,
+    )
+    read_count: int = setting(
+        "CHAT_READ_COUNT", int, 512, "Entries per XREAD call of a shard reader", _positive
+    )
+    read_block_ms: int = setting(
+        "CHAT_READ_BLOCK_MS", int, 5000, "Longest block of a shard reader's XREAD", _positive
+    )
+    read_linger_ms: float = setting(
+        "CHAT_READ_LINGER_MS",
+        float,
+        2.0,
+        "After a shard read that returned entries, wait this long before the next one so busy "
+        "rooms are read and written in batches (0: read again at once)",
+        _non_negative,
+    )
+    ping_interval_s: float = setting(
+        "CHAT_PING_INTERVAL_S", float, 20.0, "WebSocket ping interval", _positive
+    )
+    cmid_ttl_s: int = setting(
+        "CHAT_CMID_TTL_S", int, 86400, "How long a client message id deduplicates sends", _positive
+    )
+    max_connections: int = setting(
+        "CHAT_MAX_CONNECTIONS", int, 50000, "WebSocket connections per node", _positive
+    )
+    protocol_errors_max: int = setting(
+        "CHAT_PROTOCOL_ERRORS_MAX",
+        int,
+        10,
+        "Malformed frames tolerated per connection before close 4502",
+        _positive,
+    )
+    rate_per_s: float = setting(
+        "CHAT_RATE_PER_S",
+        float,
+        20.0,
+        "Commands per second per connection (token bucket)",
+        _positive,
+    )
+    rate_burst: int = setting(
+        "CHAT_RATE_BURST", int, 60, "Token bucket size per connection", _positive
+    )
+    rate_strikes_max: int = setting(
+        "CHAT_RATE_STRIKES_MAX",
+        int,
+        20,
+        "Rate-limited commands tolerated before close 4003",
+        _positive,
+    )
+    max_connections_per_ip: int = setting(
+        "CHAT_MAX_CONNECTIONS_PER_IP",
+        int,
+        200,
+        "WebSocket connections per client IP on one node, refused with HTTP 429 (0: no limit)",
+        _non_negative,
+    )
+    max_connections_per_user: int = setting(
+        "CHAT_MAX_CONNECTIONS_PER_USER",
+        int,
+        20,
+        "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no limit)",
+        _non_negative,
+    )
+    max_hellos_in_progress: int = setting(
+        "CHAT_MAX_HELLOS_IN_PROGRESS",
+        int,
+        200,
+        "WebSocket handshakes admitted and not yet welcomed, per node; at the bound new handshakes "
+        "are refused with HTTP 503 + Retry-After (0: no limit)",
+        _non_negative,
+    )
+    admission_max_lag_ms: int = setting(
+        "CHAT_ADMISSION_MAX_LAG_MS",
+        int,
+        500,
+        "Event-loop lag (last sample) over which new WebSocket handshakes are refused with HTTP 503 "
+        "+ Retry-After (0: off)",
+        _non_negative,
+    )
+    admission_retry_after_s: int = setting(
+        "CHAT_ADMISSION_RETRY_AFTER_S",
+        int,
+        5,
+        "Retry-After of a handshake refused for overload: uniform in 1..this many seconds",
+        _positive,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        "CHAT_TRUSTED_PROXIES",
+        _list,
+        (),
+        "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)",
+    )
+    create_room_per_min: float = setting(
+        "CHAT_CREATE_ROOM_PER_MIN",
+        float,
+        10.0,
+        "create_room commands per minute per user and node (token bucket)",
+        _positive,
+    )
+    create_room_burst: int = setting(
+        "CHAT_CREATE_ROOM_BURST", int, 10, "create_room bucket size per user", _positive
+    )
+    http_max_body_bytes: int = setting(
+        "CHAT_HTTP_MAX_BODY_BYTES",
+        int,
+        262144,
+        "Largest HTTP API body (session and poll carry cursors); commands use CHAT_MAX_FRAME_BYTES",
+        _positive,
+    )
+    http_rate_per_s: float = setting(
+        "CHAT_HTTP_RATE_PER_S",
+        float,
+        50.0,
+        "HTTP API requests per second per client IP and node (token bucket); over it: 429",
+        _positive,
+    )
+    http_rate_burst: int = setting(
+        "CHAT_HTTP_RATE_BURST", int, 200, "HTTP API bucket size per client IP", _positive
+    )
+    typing_interval_ms: int = setting(
+        "CHAT_TYPING_INTERVAL_MS",
+        int,
+        3000,
+        "Least time between typing events per user and room",
+        _positive,
+    )
+    typing_ttl_ms: int = setting(
+        "CHAT_TYPING_TTL_MS", int, 6000, "How long clients show a typing indicator", _positive
+    )
+    presence_room_limit: int = setting(
+        "CHAT_PRESENCE_ROOM_LIMIT",
+        int,
+        200,
+        "Rooms with more members get throttled online counts instead of presence events",
+        _positive,
+    )
+    poll_min_ms: int = setting(
+        "CHAT_POLL_MIN_MS", int, 1000, "Poll interval after activity", _positive
+    )
+    poll_max_ms: int = setting("CHAT_POLL_MAX_MS", int, 30000, "Longest poll interval", _positive)
+    poll_decay: float = setting(
+        "CHAT_POLL_DECAY",
+        float,
+        1.5,
+        "Poll interval growth per empty poll",
+        lambda v: None if v >= 1 else "must be >= 1",
+    )
+    poll_unfocused_ms: int = setting(
+        "CHAT_POLL_UNFOCUSED_MS",
+        int,
+        15000,
+        "Least poll interval of an unfocused client",
+        _positive,
+    )
+    max_rooms_per_user: int = setting(
+        "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive
+    )
+    max_room_members: int = setting(
+        "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive
+    )
+    max_polls_per_user: int = setting(
+        "CHAT_MAX_POLLS_PER_USER",
+        int,
+        4,
+        "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = off)",
+        _non_negative,
+    )
+    max_json_depth: int = setting(
+        "CHAT_MAX_JSON_DEPTH",
+        int,
+        MAX_JSON_DEPTH,
+        "Deepest nesting of a command frame (the frame object is level 1)",
+        lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64",
+    )
+    personal_maxlen: int = setting(
+        "CHAT_PERSONAL_MAXLEN",
+        int,
+        500,
+        "Personal events (alerts, invitations) kept per user while offline",
+        _positive,
+    )
+    abuse_closes_max: int = setting(
+        "CHAT_ABUSE_CLOSES_MAX",
+        int,
+        20,
+        "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its "
+        "handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables",
+        _non_negative,
+    )
+    abuse_window_s: float = setting(
+        "CHAT_ABUSE_WINDOW_S", float, 60.0, "Window counting abusive closes per address", _positive
+    )
+    abuse_penalty_s: float = setting(
+        "CHAT_ABUSE_PENALTY_S", float, 30.0, "How long an abusive address is refused", _positive
+    )
+    gc_freeze: bool = setting(
+        "CHAT_GC_FREEZE",
+        _bool,
+        True,
+        "Move start-up objects out of the cyclic GC and collect young objects less often "
+        "(fewer stop-the-world pauses with many connections)",
+    )
+    log_format: str = setting(
+        "CHAT_LOG_FORMAT",
+        str,
+        "json",
+        "json (one object per line) or text",
+        _one_of("json", "text"),
+    )
+    log_level: str = setting(
+        "CHAT_LOG_LEVEL",
+        str,
+        "INFO",
+        "Python log level",
+        _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+    dev_force: bool = setting(
+        "CHAT_DEV_FORCE", _bool, False, "Allow CHAT_AUTH=dev on a non-loopback address"
+    )
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -317,7 +513,15 @@ class Settings:
         }
 
 
-def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+FIELDS: tuple[Field, ...] = tuple(
+    Field(f.name, **f.metadata["setting"]) for f in dataclasses.fields(Settings)
+)
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+def load(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
     """Build settings from ``environ`` (default ``os.environ``) and ``overrides``.
 
     ``overrides`` maps field names to values that are either already typed (CLI flags parsed by
@@ -353,9 +557,13 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] 
 
 def require_auth_material(settings: Settings) -> None:
     """A production (jwt) node needs a key to verify tokens; fail at start-up otherwise."""
-    if settings.auth == "jwt" and not (settings.jwt_secret or settings.jwt_public_key or settings.jwks_file):
-        raise ConfigError("CHAT_JWT_SECRET: required when CHAT_AUTH=jwt "
-                          "(or set CHAT_JWT_PUBLIC_KEY or CHAT_JWKS_FILE)")
+    if settings.auth == "jwt" and not (
+        settings.jwt_secret or settings.jwt_public_key or settings.jwks_file
+    ):
+        raise ConfigError(
+            "CHAT_JWT_SECRET: required when CHAT_AUTH=jwt "
+            "(or set CHAT_JWT_PUBLIC_KEY or CHAT_JWKS_FILE)"
+        )
     if settings.jwks_file and not os.path.isfile(settings.jwks_file):
         raise ConfigError(f"CHAT_JWKS_FILE: no such file ({settings.jwks_file!r})")
 

@@ -31,14 +31,13 @@ from . import redisio
 from .keys import Keys
 from .metrics import METRICS
 from .pauses import PausePoints
-from .protocol import dumps, message_event, stream_id_tuple, ws_text_frame
+from .protocol import Entry, dumps, message_event, stream_id_tuple, ws_text_frame
 from .streams import RoomMeta, room_gap_event
 from .supervise import ThrottledLog
 
 log = logging.getLogger("chatcluster.fanout")
 _errors = ThrottledLog(log)
 
-Entry = tuple[bytes, dict[bytes, bytes]]
 # An encoder turns one stream entry into a frame payload, or (payload, user to skip) for events
 # that must not reach the author's own sessions (typing), or None to deliver nothing.
 Encoder = Callable[["Topic", str, dict[bytes, bytes]], "bytes | tuple[bytes, str] | None"]
@@ -57,15 +56,17 @@ class Flusher:
 
     __slots__ = ("_dirty", "_scheduled", "_loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._dirty: list[Sink] = []
         self._scheduled = False
-        self._loop = loop
+        self._loop = loop  # the running loop, found at the first mark when not given
 
     def mark(self, sink: Sink) -> None:
         self._dirty.append(sink)
         if not self._scheduled:
             self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
@@ -97,7 +98,7 @@ class Sink:
     """
 
     __slots__ = ("ws", "transport", "flusher", "limit", "pending", "pending_bytes", "holding",
-                 "held", "held_bytes", "closed", "on_overflow", "owner", "session")
+                 "held", "held_bytes", "closed", "on_overflow", "owner", "session", "sub")
 
     # Typing and presence events are pushed to it (a long-poll waiter takes only stream entries).
     takes_ephemeral = True
@@ -106,6 +107,7 @@ class Sink:
                  on_overflow: Callable[[], None]) -> None:
         self.owner = ""  # user id, set after hello
         self.session = ""
+        self.sub: Any = None  # the session's Subscription (node.session), set with it
         self.ws = ws
         self.transport = ws.transport
         self.flusher = flusher

@@ -12,6 +12,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +25,36 @@ from .origins import origin_allowed
 from .ratelimit import KeyedBuckets, client_ip
 
 if TYPE_CHECKING:
-    from .app import Node
+    from .commands import Commands
+    from .config import Settings
+    from .personal import PersonalStreams
+    from .poll import Poller
+    from .presence import Presence
+    from .rooms import Rooms
+    from .status import NodeStatus
 
 log = logging.getLogger("chatcluster.http")
-NODE_KEY: web.AppKey[Node] = web.AppKey("node")
+
+
+@dataclass
+class HttpContext:
+    """What the HTTP transport uses of the node: its services and how it is doing."""
+
+    settings: Settings
+    commands: Commands
+    poller: Poller
+    rooms: Rooms
+    personal: PersonalStreams
+    presence: Presence
+    status: NodeStatus
+    ready: Callable[[], bool]
+    redis_ok: Callable[[], bool]
+    reader_lag: Callable[[], float]
+    ws_port: int = 0
+    http_port: int = 0
+
+
+NODE_KEY: web.AppKey[HttpContext] = web.AppKey("node")
 HTTP_BUCKETS_KEY: web.AppKey[KeyedBuckets] = web.AppKey("http_buckets")
 STATIC_DIR = Path(__file__).parent / "static"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -75,9 +102,9 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def _cors_headers(node: Node, request: web.Request) -> dict[str, str]:
+def _cors_headers(ctx: HttpContext, request: web.Request) -> dict[str, str]:
     origin = request.headers.get("Origin")
-    if not origin or not origin_allowed(origin, node.settings.allowed_origins, request.host):
+    if not origin or not origin_allowed(origin, ctx.settings.allowed_origins, request.host):
         return {}
     return {
         "Access-Control-Allow-Origin": origin,
@@ -93,9 +120,9 @@ def _rate_limited(request: web.Request) -> float | None:
     """CHAT_HTTP_RATE_PER_S per client IP on the API: None if the request may go on, else the
     seconds to wait. Long polls cost one token each like any request, so a polling client
     (at most one poll a second, plus its commands) stays far below the default."""
-    node = request.app[NODE_KEY]
+    ctx = request.app[NODE_KEY]
     buckets = request.app[HTTP_BUCKETS_KEY]
-    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), node.settings.trusted_proxies)
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), ctx.settings.trusted_proxies)
     if buckets.take(ip, time.monotonic()):
         return None
     return buckets.retry_after(ip)
@@ -103,8 +130,8 @@ def _rate_limited(request: web.Request) -> float | None:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    node = request.app[NODE_KEY]
-    cors = _cors_headers(node, request)
+    ctx = request.app[NODE_KEY]
+    cors = _cors_headers(ctx, request)
     if request.path.startswith("/api/") and request.method != "OPTIONS":
         wait = _rate_limited(request)
         if wait is not None:
@@ -149,19 +176,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
-    ready = node.ready()
-    body = {"ready": ready, "draining": node.draining, "redis": node.redis_ok,
-            "connections": len(node.ws.connections), "node": node.settings.node_id}
+    ctx = request.app[NODE_KEY]
+    ready = ctx.ready()
+    body = {"ready": ready, "draining": ctx.status.draining, "redis": ctx.redis_ok(),
+            "connections": ctx.status.connections(), "node": ctx.settings.node_id}
     return json_response(body, 200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    node = request.app[NODE_KEY]
+    ctx = request.app[NODE_KEY]
     # Sampled here rather than kept current: they are cheap to compute once per scrape.
-    METRICS.ready.set(1 if node.ready() else 0)
-    if node.fanout is not None:
-        METRICS.reader_lag.set(node.fanout.lag())
+    METRICS.ready.set(1 if ctx.ready() else 0)
+    METRICS.reader_lag.set(ctx.reader_lag())
     return web.Response(body=METRICS.render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 
@@ -198,10 +224,10 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def client_config(request: web.Request) -> web.Response:
     """What the browser library needs to find the WebSocket and show the right login."""
-    node = request.app[NODE_KEY]
-    s = node.settings
+    ctx = request.app[NODE_KEY]
+    s = ctx.settings
     return json_response({
-        "auth": s.auth, "node": s.node_id, "ws_port": node.ws_port, "http_port": node.http_port,
+        "auth": s.auth, "node": s.node_id, "ws_port": ctx.ws_port, "http_port": ctx.http_port,
         "ws_path": "/ws", "limits": s.public_limits(),
         "poll": {"min_ms": s.poll_min_ms, "max_ms": s.poll_max_ms, "decay": s.poll_decay,
                  "unfocused_ms": s.poll_unfocused_ms},
@@ -211,11 +237,11 @@ async def client_config(request: web.Request) -> web.Response:
     })
 
 
-def build_app(node: Node) -> web.Application:
-    s = node.settings
+def build_app(ctx: HttpContext) -> web.Application:
+    s = ctx.settings
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=max(s.max_frame_bytes, s.http_max_body_bytes))
-    app[NODE_KEY] = node
+    app[NODE_KEY] = ctx
     app[HTTP_BUCKETS_KEY] = KeyedBuckets(s.http_rate_per_s, s.http_rate_burst)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -225,5 +251,5 @@ def build_app(node: Node) -> web.Application:
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
     from .api import add_routes  # api builds on this module's helpers
 
-    add_routes(app, node)
+    add_routes(app, ctx)
     return app

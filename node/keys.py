@@ -95,6 +95,15 @@ class Keys:
         """Dedupe key of one personal-stream publish (a retried command appends once)."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:pd:{token}"
 
+    def user_key_prefix(self, shard: int) -> str:
+        """Prefix of the user keys of a shard: ``<prefix><user>`` + a suffix below is a key of
+        that user (scripts that touch many users of one shard build their keys from it)."""
+        return f"{PREFIX}:{self.tag(shard)}:u:"
+
+    # Suffixes after user_key_prefix(shard) + user (kept in step with the methods above).
+    SESSIONS_SUFFIX = ":s"
+    META_SUFFIX = ":m"
+
     def user_sessions(self, user: str) -> str:
         """Sorted set session id -> expiry (ms): the user's live sessions on any node."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:s"

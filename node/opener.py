@@ -18,18 +18,19 @@ a polling client takes the room's newest entry as its metadata says). The replay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .auth import Identity
+from .config import Settings
 from .keys import GENERAL, RoomId, UserId
 from .metrics import METRICS
-from .personal import personal_payload
-from .protocol import dumps, message_event, parse_cursor, stream_id_tuple
+from .pauses import PausePoints
+from .personal import PersonalStreams, personal_payload
+from .protocol import dumps, message_event, now_ms, parse_cursor, stream_id_tuple
 from .resume import plan_replay
-from .streams import RoomMeta
-
-if TYPE_CHECKING:
-    from .app import Node
+from .rooms import Rooms
+from .streams import RoomMeta, RoomStreams
+from .summaries import RoomSummaries
 
 MAX_CURSORS = 1000
 
@@ -73,28 +74,32 @@ class Opened:
 
 
 class SessionOpener:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, rooms: Rooms, streams: RoomStreams, personal: PersonalStreams,
+                 summaries: RoomSummaries, pauses: PausePoints) -> None:
+        self.settings = settings
+        self.rooms = rooms
+        self.streams = streams
+        self.personal = personal
+        self.summaries = summaries
+        self.pauses = pauses
 
     async def room_metas(self, rooms: list[RoomId]) -> dict[str, RoomMeta]:
         """Metadata of the user's rooms; recreates ``general`` if Redis lost it."""
-        node = self.node
-        metas = await node.streams.metas(list(rooms))
+        metas = await self.streams.metas(list(rooms))
         if metas.get(GENERAL) is None:
-            await node.rooms.ensure_general()
-            metas[GENERAL] = await node.streams.meta(GENERAL)
+            await self.rooms.ensure_general()
+            metas[GENERAL] = await self.streams.meta(GENERAL)
         return {room: meta for room, meta in metas.items() if meta is not None}
 
     async def open(self, identity: Identity, raw_cursors: Any, raw_personal: Any, session_id: str,
                    live: Live | None) -> Opened:
-        node = self.node
-        settings = node.settings
+        settings = self.settings
         user = identity.user
-        epoch, pdel, last_pid = await node.personal.open(user)
+        epoch, pdel, last_pid = await self.personal.open(user)
         p0 = await live.personal(user, epoch, last_pid) if live is not None else last_pid
-        rooms = await node.rooms.user_rooms(user)
+        rooms = await self.rooms.user_rooms(user)
         metas = await self.room_metas(rooms)
-        await node.pauses.point("session.rooms_read")
+        await self.pauses.point("session.rooms_read")
         if live is not None and live.closed:
             return Opened({}, closed=True)
 
@@ -116,7 +121,7 @@ class SessionOpener:
             if meta is None:
                 continue  # not a room of this user: no replay, and no hint that it exists
             upto = positions[room]
-            entries = await node.streams.replay_range(room, cursor_id, upto, settings.replay_limit) \
+            entries = await self.streams.replay_range(room, cursor_id, upto, settings.replay_limit) \
                 if cursor_epoch == meta.epoch else []
             plan = plan_replay(cursor_epoch, meta.epoch, cursor_id, upto, entries, settings.replay_limit)
             encoded = [dumps(message_event(room, sid.decode(), fields)) for sid, fields in plan.entries]
@@ -132,14 +137,14 @@ class SessionOpener:
         # seq as of the position live delivery starts from (known from the topic when it has
         # delivered since it was created; else read at that entry).
         seqs = {room: seq for room, (_, seq) in joined.items() if seq >= 0}
-        summaries = await node.summaries(user, metas, positions, seqs)
+        summaries = await self.summaries.summaries(user, metas, positions, seqs)
         personal, personal_ok = await self._personal_replay(user, raw_personal, epoch, pdel, p0)
         welcome = {
             "type": "welcome",
             "user": {"id": user, "name": identity.name},
             "node": settings.node_id,
             "session": session_id,
-            "server_time": node.now_ms(),
+            "server_time": now_ms(),
             "rooms": summaries,
             "recovered": recovered,
             "personal": {"epoch": epoch, "recovered": personal_ok, "last_id": p0},
@@ -153,7 +158,6 @@ class SessionOpener:
         up to ``upto``. At most CHAT_PERSONAL_MAXLEN events and a quarter of the outbound
         buffer: the newest are kept (they matter most, and the cursor moves past all of them);
         if any were left out, or trimmed before they were delivered, it is not recovered."""
-        node = self.node
         cursor = parse_cursor(raw_cursor)
         recovered = True
         after = pdel
@@ -162,10 +166,10 @@ class SessionOpener:
                 after = cursor[1]
             else:
                 recovered = False  # another epoch, or a cursor from this stream's future
-        entries, complete = await node.personal.newest_between(user, after, upto, node.settings.personal_maxlen)
+        entries, complete = await self.personal.newest_between(user, after, upto, self.settings.personal_maxlen)
         recovered = recovered and complete
         payloads = [p for sid, fields in entries if (p := personal_payload(sid.decode(), fields)) is not None]
-        budget, kept = node.settings.outbound_buffer_bytes // 4, 0
+        budget, kept = self.settings.outbound_buffer_bytes // 4, 0
         for i in range(len(payloads) - 1, -1, -1):
             kept += len(payloads[i])
             if kept > budget:
@@ -173,5 +177,5 @@ class SessionOpener:
                 recovered = False
                 break
         if entries:
-            await node.personal.mark_delivered(user, entries[-1][0].decode())
+            await self.personal.mark_delivered(user, entries[-1][0].decode())
         return payloads, recovered

@@ -19,7 +19,7 @@ import orjson
 from .fanout import Entry, Topic
 from .keys import Keys
 from .protocol import stream_id_tuple
-from .redisio import unavailable_on_redis_errors
+from .redisio import as_str, unavailable_on_redis_errors
 from .streams import new_epoch
 
 # KEYS: inbox, user-meta, dedupe-key.  ARGV: maxlen, json, new-epoch, dedupe ttl (s).
@@ -59,9 +59,6 @@ redis.call('HSET', KEYS[1], 'pdel', ARGV[1])
 return 1
 """
 
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def personal_payload(sid: str, fields: dict[bytes, bytes]) -> bytes | None:
@@ -117,7 +114,7 @@ class PersonalStreams:
         """Append an event (``type`` alert/room/unread...) to the user's personal stream."""
         with unavailable_on_redis_errors("personal"):
             sid = await self._publish_call(user, orjson.dumps(event))
-        return _s(sid)
+        return as_str(sid)
 
     async def publish_many(self, users: list[str], event: dict[str, Any]) -> dict[str, str]:
         payload = orjson.dumps(event)
@@ -131,7 +128,7 @@ class PersonalStreams:
             for i in range(0, len(users), 100):
                 chunk = users[i:i + 100]
                 ids = await asyncio.gather(*(one(u) for u in chunk))
-                out.update({user: _s(sid) for user, sid in zip(chunk, ids, strict=True)})
+                out.update({user: as_str(sid) for user, sid in zip(chunk, ids, strict=True)})
         return out
 
     async def open(self, user: str) -> tuple[str, str, str]:
@@ -139,7 +136,7 @@ class PersonalStreams:
         with unavailable_on_redis_errors("personal"):
             epoch, pdel, last_id = await self._open(
                 keys=[self.keys.user_inbox(user), self.keys.user_meta(user)], args=[new_epoch()])
-        return _s(epoch), _s(pdel), _s(last_id)
+        return as_str(epoch), as_str(pdel), as_str(last_id)
 
     async def mark_delivered(self, user: str, sid: str) -> None:
         with unavailable_on_redis_errors("personal"):
@@ -175,11 +172,11 @@ class PersonalStreams:
             # Entries were trimmed (the oldest go first): any after the marker were lost.
             # The marker's own entry being the one just before the first retained one cannot be
             # told apart from a loss: the answer is then conservatively "incomplete".
-            if stream_id_tuple(_s(first[0])) > stream_id_tuple(after):
+            if stream_id_tuple(as_str(first[0])) > stream_id_tuple(after):
                 complete = False
         return entries, complete
 
     async def first_id(self, user: str) -> str | None:
         with unavailable_on_redis_errors("personal"):
             first = await self.redis.xrange(self.keys.user_inbox(user), "-", "+", count=1)
-        return _s(first[0][0]) if first else None
+        return as_str(first[0][0]) if first else None

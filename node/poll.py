@@ -21,16 +21,19 @@ import orjson
 
 from .auth import Identity
 from .errors import BadRequest, RateLimited
-from .fanout import Topic
+from .fanout import Fanout, Topic
 from .metrics import METRICS
-from .opener import parse_cursors
-from .personal import personal_payload
+from .online import Online
+from .opener import SessionOpener, parse_cursors
+from .personal import PersonalStreams, personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
 from .resume import ReplayPlan, plan_replay
-from .streams import room_summary
+from .rooms import Rooms
+from .session import Sessions
+from .status import NodeStatus
+from .streams import RoomStreams, room_summary
 
 if TYPE_CHECKING:
-    from .app import Node
     from .config import Settings
 
 
@@ -63,7 +66,7 @@ class Collected:
 class PollWaiter:
     """A sink-shaped object that wakes a long poll when any of its topics gets an entry."""
 
-    __slots__ = ("event", "owner", "session", "closed")
+    __slots__ = ("event", "owner", "session", "closed", "sub")
 
     # Typing and presence are not part of the polling transport: they must not wake a long poll
     # (it would return empty and every waiter of the room would poll again at once).
@@ -74,6 +77,7 @@ class PollWaiter:
         self.owner = owner
         self.session = ""
         self.closed = False
+        self.sub = None  # not a session: membership changes are not applied to a poll
 
     def push(self, frame: bytes) -> None:
         self.event.set()
@@ -83,8 +87,18 @@ class PollWaiter:
 
 
 class Poller:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, rooms: Rooms, streams: RoomStreams, personal: PersonalStreams,
+                 fanout: Fanout, sessions: Sessions, opener: SessionOpener, online: Online,
+                 status: NodeStatus) -> None:
+        self.settings = settings
+        self.rooms = rooms
+        self.streams = streams
+        self.personal = personal
+        self.fanout = fanout
+        self.sessions = sessions
+        self.opener = opener
+        self.online = online
+        self.status = status
         # Long polls waiting on this node, per user (CHAT_MAX_POLLS_PER_USER): each holds a
         # request, a waiter on the user's topics and up to 25 s of the node's attention.
         self.waiting: Counter[str] = Counter()
@@ -97,7 +111,6 @@ class Poller:
         Rooms without a cursor start at their newest message (no events); a cursor that cannot
         be resumed gives a ``room`` event with ``recovered: false`` and a fresh cursor.
         """
-        node = self.node
         user = identity.user
         out = Collected()
         cursors = parse_cursors(raw_cursors)
@@ -108,8 +121,8 @@ class Poller:
         added_at = {e["room"]["id"]: e["room"].get("last_id") or "0-0" for e in personal_events
                     if e.get("type") == "room" and e.get("change") == "added"
                     and isinstance(e.get("room"), dict) and isinstance(e["room"].get("id"), str)}
-        rooms = await node.rooms.user_rooms(user)
-        metas = await node.opener.room_metas(rooms)
+        rooms = await self.rooms.user_rooms(user)
+        metas = await self.opener.room_metas(rooms)
         out.metas = metas
         # One response carries at most `limit_per_room` messages in all: past that, rooms keep
         # their cursors and the rest comes with the next poll (paging, not a gap).
@@ -128,7 +141,7 @@ class Poller:
                 out.cursors[room] = {"epoch": epoch, "id": cursor_id}
                 continue
             # remaining + 1 entries: the cursor's own entry proves nothing was trimmed after it.
-            entries = await node.streams.replay_range(room, cursor_id, upto, remaining - 1) \
+            entries = await self.streams.replay_range(room, cursor_id, upto, remaining - 1) \
                 if epoch == meta.epoch else []
             plan = plan_replay(epoch, meta.epoch, cursor_id, upto, entries, len(entries))
             if plan.recovered:
@@ -152,8 +165,7 @@ class Poller:
     async def _collect_personal(self, user: str, raw_personal: Any, out: Collected) -> list[dict[str, Any]]:
         """Personal events after the poll's personal cursor (oldest first, paged: the cursor
         moves to the last one returned). Sets ``out.personal`` and ``out.personal_last``."""
-        node = self.node
-        epoch, pdel, last_id = await node.personal.open(user)
+        epoch, pdel, last_id = await self.personal.open(user)
         out.personal_last = last_id
         pcursor = parse_cursor(raw_personal)
         after = pdel
@@ -162,7 +174,7 @@ class Poller:
                 after = pcursor[1]
             else:
                 out.personal_recovered = False  # another epoch, or a cursor from the future
-        entries = await node.personal.range_after(user, after, last_id, node.settings.personal_maxlen)
+        entries = await self.personal.range_after(user, after, last_id, self.settings.personal_maxlen)
         events: list[dict[str, Any]] = []
         newest = after
         for sid, fields in entries:
@@ -171,7 +183,7 @@ class Poller:
             if payload is not None:
                 events.append(orjson.loads(payload))
         if entries:
-            await node.personal.mark_delivered(user, newest)
+            await self.personal.mark_delivered(user, newest)
         out.personal = {"epoch": epoch, "id": newest}
         return events
 
@@ -182,7 +194,6 @@ class Poller:
         the topics like a socket would. Entries already past the collected cursors when it joins
         wake it at once, so nothing that arrived in between is slept through.
         """
-        node = self.node
         waiter = PollWaiter(identity.user)
         joined: list[Topic] = []
         fresh: list[Topic] = []
@@ -195,14 +206,14 @@ class Poller:
                 meta = collected.metas.get(room)
                 if meta is None:
                     continue
-                topic, is_new = node.fanout.add_room_topic(room, meta)
+                topic, is_new = self.fanout.add_room_topic(room, meta)
                 topic.sinks.add(waiter)  # type: ignore[arg-type]
                 joined.append(topic)
                 if is_new:
                     fresh.append(topic)
                 if stream_id_tuple(topic.pos) > stream_id_tuple(cursor["id"]):
                     waiter.event.set()
-            ptopic, is_new = node.personal_topic(identity.user, collected.personal_last,
+            ptopic, is_new = self.sessions.personal_topic(identity.user, collected.personal_last,
                                                  collected.personal["epoch"])
             if is_new:
                 fresh.append(ptopic)
@@ -211,8 +222,8 @@ class Poller:
             if stream_id_tuple(ptopic.pos) > stream_id_tuple(collected.personal["id"]):
                 waiter.event.set()
             for topic in fresh:
-                await node.fanout.reader_of(topic).interrupt(topic.key)
-            if not waiter.event.is_set() and not node.draining:
+                await self.fanout.reader_of(topic).interrupt(topic.key)
+            if not waiter.event.is_set() and not self.status.draining:
                 try:
                     await asyncio.wait_for(waiter.event.wait(), wait_ms / 1000.0)
                 except TimeoutError:
@@ -220,7 +231,7 @@ class Poller:
         finally:
             self._waiters.discard(waiter)
             for topic in joined:
-                node.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
+                self.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
 
     def wake_all(self) -> None:
         """Answer every waiting long poll now (the node is draining)."""
@@ -228,8 +239,7 @@ class Poller:
             waiter.event.set()
 
     async def poll(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
-        node = self.node
-        s = node.settings
+        s = self.settings
         wait_ms = body.get("wait_ms", 0)
         interval_ms = body.get("interval_ms", s.poll_min_ms)
         focused = body.get("focused", True)
@@ -243,7 +253,7 @@ class Poller:
             METRICS.rate_limited.labels(limit="polls_per_user").inc()
             raise RateLimited(f"too many long polls of this user waiting (at most {s.max_polls_per_user})")
         collected = await self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit)
-        if not collected.events and wait_ms > 0 and not node.draining:
+        if not collected.events and wait_ms > 0 and not self.status.draining:
             self.waiting[user] += 1
             METRICS.polls_waiting.inc()
             try:
@@ -255,8 +265,8 @@ class Poller:
                     del self.waiting[user]
             collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
         had_events = bool(collected.events)
-        next_ms = next_poll_ms(had_events, interval_ms, focused, s, node.load_factor())
-        await node.poll_heartbeat(identity, session, next_ms)
+        next_ms = next_poll_ms(had_events, interval_ms, focused, s, self.status.load_factor())
+        await self.online.poll_heartbeat(identity, session, next_ms)
         METRICS.presence_heartbeats.inc()
         METRICS.polls.labels(result="events" if had_events else "empty").inc()
         METRICS.next_poll.observe(next_ms / 1000.0)
@@ -266,9 +276,8 @@ class Poller:
     async def session(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
         """``POST /api/v1/session``: the welcome object plus the replay, for a polling client
         (the same opener as a WebSocket hello), and the cursors to poll with."""
-        node = self.node
-        opened = await node.opener.open(identity, body.get("cursors"), body.get("personal"), session, None)
-        await node.poll_heartbeat(identity, session, node.settings.poll_min_ms)
+        opened = await self.opener.open(identity, body.get("cursors"), body.get("personal"), session, None)
+        await self.online.poll_heartbeat(identity, session, self.settings.poll_min_ms)
         METRICS.presence_heartbeats.inc()
         welcome = opened.welcome
         epochs = {room["id"]: room["epoch"] for room in welcome["rooms"]}
@@ -276,6 +285,6 @@ class Poller:
             **welcome,
             "events": [orjson.loads(p) for p in (*opened.messages, *opened.personal)],
             "cursors": {room: {"epoch": epochs[room], "id": pos} for room, pos in opened.positions.items()},
-            "poll": {"min_ms": node.settings.poll_min_ms, "max_ms": node.settings.poll_max_ms,
-                     "decay": node.settings.poll_decay, "unfocused_ms": node.settings.poll_unfocused_ms},
+            "poll": {"min_ms": self.settings.poll_min_ms, "max_ms": self.settings.poll_max_ms,
+                     "decay": self.settings.poll_decay, "unfocused_ms": self.settings.poll_unfocused_ms},
         }

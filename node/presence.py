@@ -15,12 +15,12 @@ emitted only on transitions: the first session coming (start returns 1) and the 
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Any
 
 from .keys import Keys
-from .redisio import unavailable_on_redis_errors
+from .protocol import now_ms
+from .redisio import as_str, unavailable_on_redis_errors
 
 # KEYS: sessions, online-index, user-meta.  ARGV: session, expiry_ms, now_ms, name
 START_LUA = """
@@ -58,21 +58,22 @@ redis.call('ZADD', KEYS[2], newest[2], ARGV[3])
 return 0
 """
 
-# KEYS: online-index.  ARGV: now_ms, batch, key prefix of user keys ('cc:{sN}:u:')
+# KEYS: online-index.  ARGV: now_ms, batch, key prefix of the shard's user keys, sessions suffix,
+# meta suffix (Keys.user_key_prefix: key shapes live in node.keys only).
 # Removes the users whose every session expired and returns them: each such user is reported by
 # exactly one caller, whichever node's sweeper gets there first.
 SWEEP_LUA = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local gone = {}
 for _, user in ipairs(expired) do
-  local skey = ARGV[3] .. user .. ':s'
+  local skey = ARGV[3] .. user .. ARGV[4]
   redis.call('ZREMRANGEBYSCORE', skey, '-inf', ARGV[1])
   local newest = redis.call('ZRANGE', skey, -1, -1, 'WITHSCORES')
   if newest[2] then
     redis.call('ZADD', KEYS[1], newest[2], user)
   else
     redis.call('ZREM', KEYS[1], user)
-    redis.call('HSET', ARGV[3] .. user .. ':m', 'last_seen', ARGV[1])
+    redis.call('HSET', ARGV[3] .. user .. ARGV[5], 'last_seen', ARGV[1])
     gone[#gone + 1] = user
   end
 end
@@ -111,9 +112,6 @@ return missing
 HEARTBEAT_BATCH = 100
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class Presence:
     def __init__(self, redis: Any, keys: Keys, ttl_s: int) -> None:
@@ -126,17 +124,13 @@ class Presence:
         self._heartbeat = redis.register_script(HEARTBEAT_LUA)
         self.heartbeat_scripts = 0
 
-    @staticmethod
-    def now_ms() -> int:
-        return int(time.time() * 1000)
-
     def _keys(self, user: str) -> list[str]:
         k = self.keys
         return [k.user_sessions(user), k.online_index(k.user_shard(user)), k.user_meta(user)]
 
     async def start(self, user: str, name: str, session: str, ttl_ms: int | None = None) -> bool:
         """Register a session; True if it is the user's first live one (they came online)."""
-        now = self.now_ms()
+        now = now_ms()
         with unavailable_on_redis_errors("presence"):
             first = await self._start(keys=self._keys(user),
                                       args=[session, now + (ttl_ms or self.ttl_ms), now, name, user])
@@ -150,7 +144,7 @@ class Presence:
         returned. ``self.heartbeat_scripts`` counts the scripts run."""
         if not sessions:
             return []
-        expiry = self.now_ms() + (ttl_ms or self.ttl_ms)
+        expiry = now_ms() + (ttl_ms or self.ttl_ms)
         k = self.keys
         by_shard: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for user, session in sessions:
@@ -173,7 +167,7 @@ class Presence:
     async def end(self, user: str, session: str) -> int | None:
         """Drop a session. If it was the user's last one (they went offline), how long they had
         been online in ms (-1 if unknown); None if they are still online."""
-        now = self.now_ms()
+        now = now_ms()
         with unavailable_on_redis_errors("presence"):
             since = int(await self._end(keys=self._keys(user), args=[session, now, user]))
         if since == 0:
@@ -182,11 +176,11 @@ class Presence:
 
     async def sweep(self, shard: int, batch: int = 500) -> list[str]:
         """Users of ``shard`` whose sessions all expired (their node died): now offline."""
-        prefix = f"cc:{self.keys.tag(shard)}:u:"
+        prefix = self.keys.user_key_prefix(shard)
         with unavailable_on_redis_errors("sweep"):
             gone = await self._sweep(keys=[self.keys.online_index(shard)],
-                                     args=[self.now_ms(), batch, prefix])
-        return [_s(u) for u in gone]
+                                     args=[now_ms(), batch, prefix, Keys.SESSIONS_SUFFIX, Keys.META_SUFFIX])
+        return [as_str(u) for u in gone]
 
     async def online_users(self, users: list[str]) -> dict[str, bool]:
         """Which of ``users`` are online now (one ZMSCORE per user shard)."""
@@ -195,7 +189,7 @@ class Presence:
         by_shard: dict[int, list[str]] = defaultdict(list)
         for user in users:
             by_shard[self.keys.user_shard(user)].append(user)
-        now = self.now_ms()
+        now = now_ms()
         out: dict[str, bool] = {}
         with unavailable_on_redis_errors("presence"):
             pipe = self.redis.pipeline(transaction=False)
@@ -210,7 +204,7 @@ class Presence:
 
     async def online_everyone(self, limit: int) -> tuple[list[str], int]:
         """Online users of the whole cluster (the general room): up to ``limit`` ids, and the count."""
-        now = self.now_ms()
+        now = now_ms()
         with unavailable_on_redis_errors("presence"):
             pipe = self.redis.pipeline(transaction=False)
             for shard in range(self.keys.shards):
@@ -220,7 +214,7 @@ class Presence:
         users: list[str] = []
         count = 0
         for i in range(self.keys.shards):
-            users.extend(_s(u) for u in results[2 * i])
+            users.extend(as_str(u) for u in results[2 * i])
             count += int(results[2 * i + 1])
         users.sort()
         return users[:limit], count
@@ -234,11 +228,18 @@ class Presence:
             for user in users:
                 pipe.hget(self.keys.user_meta(user), "name")
             values = await pipe.execute()
-        return {user: _s(v) for user, v in zip(users, values, strict=True) if v is not None}
+        return {user: as_str(v) for user, v in zip(users, values, strict=True) if v is not None}
+
+    async def live_ws_sessions(self, user: str) -> int:
+        """The user's live WebSocket sessions on every node (poll sessions, ``p:...``, do not
+        count): for CHAT_MAX_CONNECTIONS_PER_USER."""
+        with unavailable_on_redis_errors("sessions"):
+            live = await self.redis.zrangebyscore(self.keys.user_sessions(user), now_ms(), "+inf")
+        return sum(1 for s in live if not as_str(s).startswith("p:"))
 
     async def status(self, user: str) -> tuple[bool, int | None]:
         """(online, last_seen ms or None)."""
-        now = self.now_ms()
+        now = now_ms()
         with unavailable_on_redis_errors("presence"):
             pipe = self.redis.pipeline(transaction=False)
             pipe.zcount(self.keys.user_sessions(user), now, "+inf")

@@ -8,6 +8,7 @@ sockets or Redis. :func:`parse_frame` either returns a validated command dict or
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import orjson
@@ -70,6 +71,10 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+# One stream entry as Redis returns it: (id, fields).
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
 def ref_of(frame: Any) -> str | int | None:
     """The frame's ``ref`` if it is a valid one, for echoing in an error reply."""
     if isinstance(frame, dict):
@@ -89,6 +94,15 @@ def decode(data: str | bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         raise BadRequest("malformed JSON") from None
+
+
+def loose_ref(raw: str | bytes) -> str | int | None:
+    """The ``ref`` of a frame that failed to parse or validate, if one can be read, for
+    echoing in its error reply."""
+    try:
+        return ref_of(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def validate(frame: Any, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
@@ -177,6 +191,11 @@ def parse_cursor(value: Any) -> tuple[str, str] | None:
     if not EPOCH_RE.match(epoch) or not stream_id_ok(sid):
         return None
     return epoch, sid
+
+
+def now_ms() -> int:
+    """The node's clock in ms (``server_time``, presence expiries): wall time, not monotonic."""
+    return int(time.time() * 1000)
 
 
 def stream_id_tuple(sid: str) -> tuple[int, int]:

@@ -42,6 +42,11 @@ UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "BUSY", "LOADING", "MASTERD
                        "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "NOSCRIPT")
 
 
+def as_str(value: Any) -> str:
+    """A Redis reply value (bytes, or a number) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_cluster_url(url: str) -> bool:
     return url.startswith("redis+cluster://")
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from .protocol import stream_id_tuple
-
-Entry = tuple[Any, dict[bytes, bytes]]
+from .protocol import Entry, stream_id_tuple
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,10 +13,11 @@ from typing import Any
 
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import GENERAL, Keys, RoomId, UserId
+from .metrics import METRICS
 from .pauses import PausePoints
 from .protocol import USER_ID_RE, check_room_id
 from .redisio import unavailable_on_redis_errors
-from .streams import RoomMeta, RoomStreams
+from .streams import Appended, RoomMeta, RoomStreams
 
 KINDS = ("general", "open", "closed", "direct")
 NOT_FOUND = "no such room"
@@ -89,6 +90,20 @@ class Rooms:
         self.streams = streams
         self.pauses = pauses if pauses is not None else PausePoints()
         self._capped_add = redis.register_script(CAPPED_ADD_LUA)
+
+    async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
+                      kind: str = "") -> Appended:
+        """Append a message to a room's stream (see :meth:`RoomStreams.append`)."""
+        try:
+            appended = await self.streams.append(room, user, name, text, cmid, kind)
+        except NotFound:
+            if room != GENERAL:
+                raise
+            await self.ensure_general()  # Redis lost its data: the general room comes back
+            appended = await self.streams.append(room, user, name, text, cmid, kind)
+        if not appended.duplicate:
+            METRICS.messages_published.inc()
+        return appended
 
     async def ensure_general(self) -> str:
         return await self.streams.ensure_room(GENERAL, "general", "General", "", int(time.time() * 1000))

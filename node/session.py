@@ -1,4 +1,11 @@
-"""Opening a session: ``hello`` -> subscribe -> replay -> ``welcome`` -> live.
+"""Live WebSocket sessions on this node and the membership changes applied to them.
+
+A session goes live through :class:`WsLive` while :class:`~node.opener.SessionOpener` opens it.
+Afterwards its rooms change through :meth:`Sessions.joined` / :meth:`Sessions.left` (its own
+commands) and through the user's personal stream (invitations, DMs opened by others, changes
+made on other nodes): every personal ``room`` event delivered on this node is applied to the
+user's local sessions by :meth:`Sessions.reconcile_room`, under the session's lock, against the
+membership in Redis -- so the order in which events and commands arrive does not matter.
 
 The hand-over from replay to live is exact because of one synchronous step: for each room the
 connection joins the room's topic and reads the topic's position ``P`` with no await in between.
@@ -10,19 +17,26 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import orjson
 
 from .auth import Identity
-from .fanout import Sink, Topic
-from .keys import UserId
+from .config import Settings
+from .fanout import Fanout, Sink, Topic
+from .keys import Keys, UserId
+from .opener import SessionOpener
+from .pauses import PausePoints
+from .personal import PersonalStreams, PersonalTopic
 from .protocol import dumps, message_event, ws_text_frame
 from .resume import plan_replay
-from .streams import RoomMeta, room_gap_event
+from .rooms import Rooms
+from .streams import RoomMeta, RoomStreams, room_gap_event, room_summary
+from .summaries import RoomSummaries
+from .supervise import Jobs
 
-if TYPE_CHECKING:
-    from .app import Node
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     """The live side of one WebSocket session: its sink and the topics it is in."""
 
@@ -32,12 +46,15 @@ class Subscription:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False  # set when the connection ends: nothing may subscribe it again
 
+    def __post_init__(self) -> None:
+        self.sink.sub = self  # personal events find the session of a sink without the transport
+
 
 class WsLive:
     """A WebSocket going live while its session opens: it joins the topics (see opener)."""
 
-    def __init__(self, node: Node, sub: Subscription) -> None:
-        self.node = node
+    def __init__(self, sessions: Sessions, sub: Subscription) -> None:
+        self.sessions = sessions
         self.sub = sub
         self.created: list[Topic] = []
 
@@ -46,19 +63,19 @@ class WsLive:
         return self.sub.closed
 
     async def personal(self, user: UserId, epoch: str, last_id: str) -> str:
-        topic, is_new = self.node.personal_topic(user, last_id, epoch)
+        topic, is_new = self.sessions.personal_topic(user, last_id, epoch)
         topic.sinks.add(self.sub.sink)
         self.sub.topics["@personal"] = topic
         upto = topic.pos
         if is_new:
-            await self.node.fanout.reader_of(topic).interrupt(topic.key)
+            await self.sessions.fanout.reader_of(topic).interrupt(topic.key)
         return upto
 
     def rooms(self, metas: dict[str, RoomMeta]) -> dict[str, tuple[str, int]]:
         """Synchronous: join every topic and note where live delivery starts. A topic this node
         does not read yet starts at the room's newest entry as the metadata says (never 0-0:
         that would replay all history live)."""
-        fanout = self.node.fanout
+        fanout = self.sessions.fanout
         sink = self.sub.sink
         out: dict[str, tuple[str, int]] = {}
         for room, meta in metas.items():
@@ -71,14 +88,25 @@ class WsLive:
         return out
 
     async def started(self) -> None:
-        fanout = self.node.fanout
+        fanout = self.sessions.fanout
         if self.created:
             await asyncio.gather(*(fanout.reader_of(t).interrupt(t.key) for t in self.created))
 
 
 class Sessions:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, keys: Keys, fanout: Fanout, streams: RoomStreams, rooms: Rooms,
+                 personal: PersonalStreams, summaries: RoomSummaries, opener: SessionOpener,
+                 jobs: Jobs, pauses: PausePoints) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.fanout = fanout
+        self.streams = streams
+        self.rooms = rooms
+        self.personal = personal
+        self.summaries = summaries
+        self.opener = opener
+        self.jobs = jobs
+        self.pauses = pauses
 
     async def open_ws(self, identity: Identity, hello: dict[str, Any], sub: Subscription,
                       session_id: str) -> None:
@@ -89,8 +117,8 @@ class Sessions:
         async with sub.lock:
             sink.hold()
             try:
-                opened = await self.node.opener.open(identity, hello.get("cursors"), hello.get("personal"),
-                                                     session_id, WsLive(self.node, sub))
+                opened = await self.opener.open(identity, hello.get("cursors"), hello.get("personal"),
+                                                session_id, WsLive(self, sub))
                 if opened.closed:
                     return
                 sink.push_now(ws_text_frame(dumps(opened.welcome)))
@@ -101,6 +129,70 @@ class Sessions:
             finally:
                 sink.release()
 
+    # -- the user's personal stream on this node -------------------------------------------
+    def personal_topic(self, user: str, last_id: str, epoch: str) -> tuple[Topic, bool]:
+        """The user's personal topic on this node, created at ``last_id`` (the stream's newest
+        entry as Redis said, never a client's cursor) if the node does not read it yet.
+
+        Every creator (WebSocket session, long poll) gets the same topic with the same hook,
+        so membership changes always reach the user's sessions. Synchronous."""
+        key = self.keys.user_inbox(user)
+        topic = self.fanout.get(key)
+        if topic is not None:
+            return topic, False
+        return self.fanout.install(PersonalTopic(key, self.keys.user_shard(user), user, last_id,
+                                                 epoch, self._after_personal)), True
+
+    def _after_personal(self, topic: Topic, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """Personal events delivered on this node: apply room membership changes to the user's
+        local sessions, and move the user's "delivered up to" marker."""
+        if not topic.sinks:
+            return
+        for _sid, fields in entries:
+            try:
+                event = orjson.loads(fields.get(b"d", b"{}"))
+            except orjson.JSONDecodeError:
+                continue
+            if event.get("type") != "room" or event.get("change") not in ("added", "removed"):
+                continue
+            room = (event.get("room") or {}).get("id")
+            if not isinstance(room, str):
+                continue
+            start = (event.get("room") or {}).get("last_id") or "0-0"
+            for sink in list(topic.sinks):
+                sub = getattr(sink, "sub", None)  # a long poll's waiter has no session
+                if sub is not None:
+                    self.jobs.spawn(self.reconcile_room(sub, UserId(topic.name), room, start), "membership")
+        self.jobs.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
+
+    # -- membership changes ----------------------------------------------------------------
+    async def joined(self, user: UserId, live: Subscription | None, meta: RoomMeta, users: list[str],
+                     inviter: str | None = None, announce: bool = True,
+                     summary_for_user: bool = True) -> dict[str, Any]:
+        """After users became members: subscribe the acting session at once (``live``), and
+        tell every session of every user (any node) through their personal streams. Returns
+        the room's summary for ``user`` (``{}`` without ``summary_for_user``)."""
+        summary: dict[str, Any] = {}
+        if live is not None:
+            async with live.lock:
+                position = await self.subscribe_room(live, meta.room, None)
+            summary = (await self.summaries.summaries(user, {meta.room: meta}, {meta.room: position}))[0]
+        elif summary_for_user:
+            summary = (await self.summaries.summaries(user, {meta.room: meta}))[0]
+        if announce:
+            base = room_summary(meta, meta.last_id, 0, 0, 0)
+            event: dict[str, Any] = {"type": "room", "change": "added", "room": base}
+            if inviter:
+                event["by"] = inviter
+            await self.personal.publish_many(list(dict.fromkeys(users)), event)
+        return summary
+
+    async def left(self, user: UserId, live: Subscription | None, room: str) -> None:
+        if live is not None:
+            async with live.lock:
+                self.unsubscribe_room(live, room)
+        await self.personal.publish(user, {"type": "room", "change": "removed", "room": {"id": room}})
+
     async def subscribe_room(self, sub: Subscription, room: str, start: str | None) -> str:
         """Add a room to a live session (after join/invite/dm, on any node). Call with
         ``sub.lock`` held.
@@ -110,10 +202,9 @@ class Sessions:
         gap is past what can be replayed, the client is told ``recovered: false``). Returns
         ``P``, the room's ``last_id`` as far as this session is concerned.
         """
-        node = self.node
         if room in sub.topics:
             return sub.topics[room].pos
-        meta = await node.streams.meta(room)
+        meta = await self.streams.meta(room)
         if meta is None or sub.closed:
             return "0-0"
         sink = sub.sink
@@ -121,15 +212,16 @@ class Sessions:
         try:
             if room in sub.topics or sink.closed:
                 return sub.topics[room].pos if room in sub.topics else "0-0"
-            topic, is_new = node.fanout.add_room_topic(room, meta)
+            topic, is_new = self.fanout.add_room_topic(room, meta)
             topic.sinks.add(sink)
             sub.topics[room] = topic
             upto = topic.pos
             if is_new:
-                await node.fanout.reader_of(topic).interrupt(topic.key)
+                await self.fanout.reader_of(topic).interrupt(topic.key)
             if start is not None and start != upto:
-                entries = await node.streams.replay_range(room, start, upto, node.settings.replay_limit)
-                plan = plan_replay(meta.epoch, topic.epoch, start, upto, entries, node.settings.replay_limit)
+                limit = self.settings.replay_limit
+                entries = await self.streams.replay_range(room, start, upto, limit)
+                plan = plan_replay(meta.epoch, topic.epoch, start, upto, entries, limit)
                 if not plan.recovered:
                     # Too much to replay (or trimmed): say so, the client reloads with history.
                     sink.push_now(ws_text_frame(dumps(room_gap_event(meta, upto))))
@@ -151,8 +243,8 @@ class Sessions:
             async with sub.lock:
                 if sub.closed:
                     return
-                member = await self.node.rooms.is_member(user, room)
-                await self.node.pauses.point("reconcile.checked")
+                member = await self.rooms.is_member(user, room)
+                await self.pauses.point("reconcile.checked")
                 if sub.closed:
                     return
                 if member and room not in sub.topics:
@@ -160,15 +252,15 @@ class Sessions:
                 elif not member and room in sub.topics:
                     self.unsubscribe_room(sub, room)
         finally:
-            await self.node.pauses.point("reconcile.done")
+            await self.pauses.point("reconcile.done")
 
     def unsubscribe_room(self, sub: Subscription, room: str) -> None:
         topic = sub.topics.pop(room, None)
         if topic is not None:
-            self.node.fanout.unsubscribe(topic, sub.sink)
+            self.fanout.unsubscribe(topic, sub.sink)
 
     def close_ws(self, sub: Subscription) -> None:
         sub.closed = True
         for topic in list(sub.topics.values()):
-            self.node.fanout.unsubscribe(topic, sub.sink)
+            self.fanout.unsubscribe(topic, sub.sink)
         sub.topics.clear()

@@ -15,7 +15,7 @@ from .durable import DurableAppend
 from .errors import NotFound
 from .keys import Keys, RoomId, StreamId
 from .protocol import stream_id_tuple
-from .redisio import unavailable_on_redis_errors
+from .redisio import as_str, unavailable_on_redis_errors
 
 # KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
 # max_age_ms (0 = off), '1' if the cmid is the client's ('' if the node made it up).
@@ -102,9 +102,6 @@ def room_gap_event(meta: RoomMeta, last_id: str) -> dict[str, Any]:
             "room": room_summary(meta, last_id, 0, 0, 0)}
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class RoomStreams:
     """Room data access for one node. Never holds state of its own besides the script handles."""
@@ -128,7 +125,7 @@ class RoomStreams:
                 keys=[self.keys.room_meta(room)],
                 args=[new_epoch(), kind, name, owner, created_ms],
             )
-        return _s(epoch)
+        return as_str(epoch)
 
     async def meta(self, room: str) -> RoomMeta | None:
         with unavailable_on_redis_errors("room_meta"):
@@ -150,7 +147,7 @@ class RoomStreams:
     def _meta(room: str, values: list[Any]) -> RoomMeta | None:
         if not values or values[0] is None:
             return None
-        epoch, kind, name, owner, seq, last_id = (_s(v) if v is not None else "" for v in values)
+        epoch, kind, name, owner, seq, last_id = (as_str(v) if v is not None else "" for v in values)
         return RoomMeta(RoomId(room), epoch, kind or "open", name or room, owner,
                         int(seq or 0), StreamId(last_id or "0-0"))
 
@@ -177,7 +174,7 @@ class RoomStreams:
                 (status, payload), durable = await self._durable(keys, args)
         if int(status) == -1:
             raise NotFound("no such room")
-        sid, _, seq = _s(payload).partition(" ")
+        sid, _, seq = as_str(payload).partition(" ")
         return Appended(StreamId(sid), int(seq), duplicate=int(status) == 0, durable=durable)
 
     async def last_ids(self, rooms: list[str]) -> dict[str, StreamId]:
@@ -191,7 +188,7 @@ class RoomStreams:
             results = await pipe.execute()
         out: dict[str, StreamId] = {}
         for room, entries in zip(rooms, results, strict=True):
-            out[room] = StreamId(_s(entries[0][0])) if entries else StreamId("0-0")
+            out[room] = StreamId(as_str(entries[0][0])) if entries else StreamId("0-0")
         return out
 
     async def history(self, room: str, *, before: str | None, after: str | None,

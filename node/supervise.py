@@ -82,3 +82,47 @@ async def supervise(name: str, body: Callable[[], Awaitable[Any]], errors: Throt
             backoff = BACKOFF_MIN_S  # it ran fine for a while: this is a new fault
         await asyncio.sleep(backoff * (0.5 + random.random()))
         backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+class Jobs:
+    """Background jobs (a presence announcement, a membership change to apply), owned by one
+    task group: :meth:`run` holds it for the node's life and cancels what is left at shutdown.
+    A job that fails is logged and counted, never fatal. Jobs spawned before :meth:`run` starts
+    wait for it (bounded), so none is dropped silently."""
+
+    MAX_WAITING = 10_000
+
+    def __init__(self, errors: ThrottledLog) -> None:
+        self.errors = errors
+        self._tg: asyncio.TaskGroup | None = None
+        self._waiting: list[tuple[Awaitable[Any], str]] = []
+
+    def spawn(self, coro: Awaitable[Any], what: str) -> None:
+        """Run ``coro`` in the background. ``what`` names it in logs (a code literal)."""
+        if self._tg is None:
+            if len(self._waiting) >= self.MAX_WAITING:
+                METRICS.background_errors.labels(task="job").inc()
+                self.errors.error(f"background job {what}", RuntimeError("too many jobs waiting"))
+                getattr(coro, "close", lambda: None)()
+                return
+            self._waiting.append((coro, what))
+            return
+        self._tg.create_task(self._guarded(coro, what), name=what)
+
+    async def _guarded(self, coro: Awaitable[Any], what: str) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            METRICS.background_errors.labels(task="job").inc()
+            self.errors.error(f"background job {what}", exc)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            waiting, self._waiting = self._waiting, []
+            for coro, what in waiting:
+                tg.create_task(self._guarded(coro, what), name=what)
+            try:
+                await asyncio.Event().wait()  # lives until cancelled with the node
+            finally:
+                self._tg = None

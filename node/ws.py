@@ -35,15 +35,20 @@ from .errors import (
     close_code_of,
     error_body,
 )
-from .fanout import Sink
+from .fanout import Flusher, Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
 from .ratelimit import LIMITS, Counts, PenaltyBox, TokenBucket, client_ip
-from .redisio import unavailable_on_redis_errors
 from .session import Subscription
 
 if TYPE_CHECKING:
-    from .app import Node
+    from .commands import Commands
+    from .config import Settings
+    from .online import Online
+    from .presence import Presence
+    from .session import Sessions
+    from .status import NodeStatus
+    from .supervise import ThrottledLog
 
 log = logging.getLogger("chatcluster.ws")
 
@@ -113,11 +118,19 @@ class Connection:
 
 
 class WsServer:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, commands: Commands, sessions: Sessions, online: Online,
+                 presence: Presence, status: NodeStatus, flusher: Flusher, errors: ThrottledLog) -> None:
+        self.settings = settings
+        self.commands = commands
+        self.sessions = sessions
+        self.online = online
+        self.presence = presence
+        self.status = status
+        self.flusher = flusher
+        self.errors = errors
         self.connections: set[Connection] = set()
-        self.by_sink: dict[Sink, Connection] = {}
-        s = node.settings
+        self._timers: list[asyncio.TimerHandle] = []  # the drain's closes, owned here
+        s = settings
         # Per-IP counts: a handshake is counted from process_request (so that a burst of
         # handshakes cannot all pass before any handler runs) until its handler ends.
         self.ip_counts = Counts()
@@ -129,10 +142,35 @@ class WsServer:
         METRICS.hellos_in_progress.set_function(lambda: float(len(self.hellos)))
         self.penalty = PenaltyBox(s.abuse_closes_max, s.abuse_window_s, s.abuse_penalty_s)
 
+    # -- the node's lifecycle ----------------------------------------------------------------
+    async def drain(self, window: float) -> None:
+        """Tell every client to reconnect elsewhere and close them (4001), spread over
+        ``window`` seconds; returns when they are gone or the window (plus 2 s) has passed."""
+        conns = list(self.connections)
+        log.info("draining", extra={"connections": len(conns), "window_s": window})
+        loop = asyncio.get_running_loop()
+        for conn in conns:
+            delay = random.uniform(0, window * 0.8) if window > 0 else 0.0
+            event = {"type": "reconnect", "reason": "draining", "retry_after_ms": int(delay * 1000)}
+            conn.sub.sink.push(protocol.ws_text_frame(protocol.dumps(event)))
+            self._timers.append(loop.call_later(delay, conn.close_soon, CloseCodes.DRAINING, "node draining"))
+        deadline = loop.time() + window + 2.0
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    def cancel_timers(self) -> None:
+        """At shutdown: no drain close is left to fire after the server is gone."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    def buffered_bytes(self) -> float:
+        return float(sum(c.sub.sink.buffered_bytes() for c in list(self.connections)))
+
     # -- handshake --------------------------------------------------------------------------
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         """Refuse the upgrade early: wrong path, foreign origin, draining, full, or overloaded."""
-        settings = self.node.settings
+        settings = self.settings
         path = request.path.split("?", 1)[0]
         if path not in ("/ws", "/"):
             return ws.respond(HTTPStatus.NOT_FOUND, "not found\n")
@@ -140,7 +178,7 @@ class WsServer:
         if origin is not None and not origin_allowed(origin, settings.allowed_origins, request.headers.get("Host")):
             METRICS.hello_rejected.labels(reason="origin").inc()
             return ws.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
-        if self.node.draining:
+        if self.status.draining:
             METRICS.hello_rejected.labels(reason="draining").inc()
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
         if len(self.connections) >= settings.max_connections:
@@ -165,7 +203,7 @@ class WsServer:
         # take seconds; the Retry-After is jittered so the refused do not come back together.
         lag_bound = settings.admission_max_lag_ms
         if ((settings.max_hellos_in_progress and len(self.hellos) >= settings.max_hellos_in_progress)
-                or (lag_bound and self.node.loop_lag * 1000.0 > lag_bound)):
+                or (lag_bound and self.status.loop_lag * 1000.0 > lag_bound)):
             METRICS.hello_rejected.labels(reason="overloaded").inc()
             response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded, retry later\n")
             response.headers["Retry-After"] = str(random.randint(1, settings.admission_retry_after_s))
@@ -188,7 +226,6 @@ class WsServer:
 
     # -- connection -------------------------------------------------------------------------
     async def handler(self, ws: ServerConnection) -> None:
-        node = self.node
         conn: Connection | None = None
 
         def overflow() -> None:
@@ -196,13 +233,11 @@ class WsServer:
                 log.info("slow consumer cut off", extra={"conn": conn.id})
                 conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer", SLOW_CONSUMER_GRACE_S)
 
-        assert node.flusher is not None, "the node is running"
-        conn = Connection(ws, Sink(ws, node.flusher, node.settings.outbound_buffer_bytes, overflow))
+        conn = Connection(ws, Sink(ws, self.flusher, self.settings.outbound_buffer_bytes, overflow))
         conn.ip = self._handshaking.pop(ws, "")
         self._silent[ws] = asyncio.get_running_loop().call_later(
             SILENT_HELLO_GRACE_S, self.hellos.discard, ws)
         self.connections.add(conn)
-        self.by_sink[conn.sub.sink] = conn
         METRICS.connections_accepted.inc()
         METRICS.connections_open.labels(transport="ws").inc()
         try:
@@ -211,7 +246,7 @@ class WsServer:
         except ConnectionClosed:
             pass
         except Exception as exc:
-            node.errors.error("connection handler", exc, conn=conn.id)
+            self.errors.error("connection handler", exc, conn=conn.id)
             conn.close_soon(close_code_of(exc), "internal error")
         finally:
             # Before any await: the address must be in the penalty box by the time the client,
@@ -224,10 +259,9 @@ class WsServer:
             if conn.ip:
                 self.ip_counts.remove(conn.ip)
             self.connections.discard(conn)
-            self.by_sink.pop(conn.sub.sink, None)
-            node.sessions.close_ws(conn.sub)
+            self.sessions.close_ws(conn.sub)
             if conn.caller is not None:
-                await node.session_ended(conn.caller)
+                await self.online.ended(conn.caller.user, conn.caller.identity.name, conn.caller.session_id)
             METRICS.connections_open.labels(transport="ws").dec()
             if conn.close_task is not None:
                 try:
@@ -253,7 +287,7 @@ class WsServer:
         METRICS.abuse_closes.inc()
         if self.penalty.record(conn.ip, time.monotonic()):
             log.warning("address refused for repeated abuse",
-                        extra={"penalty_s": self.node.settings.abuse_penalty_s})
+                        extra={"penalty_s": self.settings.abuse_penalty_s})
         return True
 
     def _reply(self, conn: Connection, frame: bytes) -> None:
@@ -264,7 +298,7 @@ class WsServer:
         METRICS.protocol_errors.labels(kind=kind).inc()
         outcome = refused(ref, exc)
         conn.protocol_errors += 1
-        if conn.protocol_errors > self.node.settings.protocol_errors_max:
+        if conn.protocol_errors > self.settings.protocol_errors_max:
             conn.close_soon(CloseCodes.PROTOCOL, "protocol violation")
             return False
         self._reply(conn, outcome.encode())
@@ -272,9 +306,8 @@ class WsServer:
 
     async def _hello(self, conn: Connection) -> bool:
         """Wait for a valid hello and open the session. False if the connection was closed."""
-        node = self.node
         ws = conn.ws
-        deadline = time.monotonic() + node.settings.hello_timeout_s
+        deadline = time.monotonic() + self.settings.hello_timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -292,9 +325,9 @@ class WsServer:
                     return False
                 continue
             try:
-                frame = protocol.parse_frame(raw, self.node.settings.max_json_depth)
+                frame = protocol.parse_frame(raw, self.settings.max_json_depth)
             except ChatError as exc:
-                if not self._protocol_error(conn, "malformed", protocol.ref_of(_loose(raw)), exc):
+                if not self._protocol_error(conn, "malformed", protocol.loose_ref(raw), exc):
                     return False
                 continue
             ref = protocol.ref_of(frame)
@@ -303,7 +336,7 @@ class WsServer:
                     return False
                 continue
             try:
-                identity = authenticate_hello(node.settings, frame)
+                identity = authenticate_hello(self.settings, frame)
             except Unauthorized as exc:
                 METRICS.hello_rejected.labels(reason="auth").inc()
                 log.info("hello refused", extra={"conn": conn.id, "reason": exc.message})
@@ -312,17 +345,17 @@ class WsServer:
             try:
                 if not await self._user_has_room(conn, identity, ref):
                     return False
-                conn.caller = Caller(identity, conn.id, "ws", {"conn": conn})
+                conn.caller = Caller(identity, conn.id, "ws", conn.sub)
                 conn.sub.sink.owner = identity.user
                 conn.sub.sink.session = conn.id
-                conn.bucket = TokenBucket(node.settings.rate_per_s, node.settings.rate_burst)
-                await node.session_started(conn.caller)
-                await node.sessions.open_ws(identity, frame, conn.sub, conn.id)
+                conn.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst)
+                await self.online.started(identity.user, identity.name, conn.id, True)
+                await self.sessions.open_ws(identity, frame, conn.sub, conn.id)
             except Exception as exc:
                 # Redis refusing service (down, restarting, out of memory) gives `unavailable`
                 # and 1013: the client retries with backoff. Anything else: 1011, no details.
                 METRICS.hello_rejected.labels(reason="unavailable" if isinstance(exc, Unavailable) else "error").inc()
-                node.errors.error("hello", exc)
+                self.errors.error("hello", exc)
                 self._reply(conn, protocol.reply_error(ref, error_body(exc)))
                 conn.close_soon(close_code_of(exc), error_body(exc)["code"])
                 return False
@@ -337,14 +370,10 @@ class WsServer:
         every node are in their session set in Redis (poll sessions, ``p:...``, do not count).
         Over the limit: a ``rate_limited`` error reply, then close 4003. Soft: two hellos racing
         on two nodes may both pass; a dead node's sessions count until their TTL runs out."""
-        node = self.node
-        limit = node.settings.max_connections_per_user
+        limit = self.settings.max_connections_per_user
         if not limit:
             return True
-        with unavailable_on_redis_errors("sessions"):
-            live = await node.redis.zrangebyscore(node.keys.user_sessions(identity.user),
-                                                  node.now_ms(), "+inf")
-        count = sum(1 for s in live if not (s.decode() if isinstance(s, bytes) else s).startswith("p:"))
+        count = await self.presence.live_ws_sessions(identity.user)
         if count < limit:
             return True
         METRICS.rate_limited.labels(limit="connections_per_user").inc()
@@ -361,7 +390,7 @@ class WsServer:
         conn.cancel_token_timers()
         if identity.expires_at is None:
             return
-        s = self.node.settings
+        s = self.settings
         loop = asyncio.get_running_loop()
         now = time.time()
         expires = identity.expires_at + s.jwt_leeway_s
@@ -379,13 +408,12 @@ class WsServer:
 
     def _refresh(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         assert conn.caller is not None
-        identity = refresh_identity(self.node.settings, conn.caller.identity, frame.get("token"))
+        identity = refresh_identity(self.settings, conn.caller.identity, frame.get("token"))
         conn.caller.identity = identity
         self._schedule_token_timers(conn, identity)
         return {"expires_at": int(identity.expires_at or 0)}
 
     async def _serve(self, conn: Connection) -> None:
-        node = self.node
         assert conn.caller is not None and conn.bucket is not None
         async for raw in conn.ws:
             if conn.close_task is not None:
@@ -395,16 +423,16 @@ class WsServer:
                     break
                 continue
             try:
-                frame = protocol.parse_frame(raw, self.node.settings.max_json_depth)
+                frame = protocol.parse_frame(raw, self.settings.max_json_depth)
             except ChatError as exc:
-                if not self._protocol_error(conn, "malformed", protocol.ref_of(_loose(raw)), exc):
+                if not self._protocol_error(conn, "malformed", protocol.loose_ref(raw), exc):
                     break
                 continue
             ref = protocol.ref_of(frame)
             if not conn.bucket.take(time.monotonic()):
                 METRICS.rate_limited.labels(limit="commands").inc()
                 conn.rate_strikes += 1
-                if conn.rate_strikes > node.settings.rate_strikes_max:
+                if conn.rate_strikes > self.settings.rate_strikes_max:
                     conn.close_soon(CloseCodes.RATE_LIMITED, "rate limit exceeded")
                     break
                 self._reply(conn, protocol.reply_error(ref, error_body(RateLimited("slow down"))))
@@ -415,18 +443,10 @@ class WsServer:
                 except ChatError as exc:
                     self._reply(conn, refused(ref, exc).encode())
                 continue
-            outcome = await node.commands.execute(conn.caller, frame)
+            outcome = await self.commands.execute(conn.caller, frame)
             if frame["type"] == "typing" and ref is None and outcome.ok:
                 continue  # typing needs no reply unless the client asked for one
             self._reply(conn, outcome.encode())
-
-
-def _loose(raw: str) -> Any:
-    """Best-effort decode for echoing a ``ref`` in the error reply of an invalid frame."""
-    try:
-        return protocol.decode(raw)
-    except ChatError:
-        return None
 
 
 def _code_label(code: int) -> str:

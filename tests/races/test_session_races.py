@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from node.protocol import now_ms
 from tests.integration.wire import hello, next_of, raw_connect, send_json
 
 from .conftest import api, command, until, ws_url
@@ -73,15 +74,15 @@ async def test_a_session_closed_while_presence_restarts_it_is_not_a_ghost(inproc
     sid = welcome["session"]
     await redis_client.zrem(node.keys.user_sessions("gus"), sid)  # Redis lost the session
     gate = node.pauses.arm("presence.started")
-    beat = asyncio.create_task(node.heartbeat_once())
+    beat = asyncio.create_task(node.online.heartbeat_once())
     await gate.reached()
     await ws.close()
-    await until(lambda: sid not in node._local_sessions)
+    await until(lambda: sid not in node.online.local)
     await until(lambda: not any(c.caller and c.caller.session_id == sid for c in node.ws.connections))
     gate.release()
     await asyncio.wait_for(beat, 10)
-    assert sid not in node._local_sessions
-    live = await redis_client.zrangebyscore(node.keys.user_sessions("gus"), node.now_ms(), "+inf")
+    assert sid not in node.online.local
+    live = await redis_client.zrangebyscore(node.keys.user_sessions("gus"), now_ms(), "+inf")
     assert live == [], "the closed session is still online"
 
 

@@ -3,8 +3,8 @@ a node whose hellos queue refuses new handshakes with 503 + a jittered Retry-Aft
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
-from types import SimpleNamespace
 from typing import Any
 
 from websockets.datastructures import Headers
@@ -12,7 +12,10 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from node import config
+from node.fanout import Flusher
 from node.metrics import METRICS
+from node.status import NodeStatus
+from node.supervise import ThrottledLog
 from node.ws import WsServer
 
 OVERLOADED = METRICS.hello_rejected.labels(reason="overloaded")
@@ -29,7 +32,8 @@ class FakeWs:
 
 def server(**env: Any) -> WsServer:
     settings = config.load({"CHAT_AUTH": "dev", **{k: str(v) for k, v in env.items()}})
-    return WsServer(SimpleNamespace(settings=settings, draining=False, loop_lag=0.0))  # type: ignore[arg-type]
+    return WsServer(settings, None, None, None, None, NodeStatus(settings.max_connections),  # type: ignore[arg-type]
+                    Flusher(), ThrottledLog(logging.getLogger("test")))
 
 
 def handshake(ws_server: WsServer, ws: FakeWs) -> Response | None:
@@ -57,14 +61,14 @@ def test_hellos_in_progress_are_bounded_until_welcomes_are_sent():
 
 def test_event_loop_lag_over_the_bound_refuses_handshakes():
     s = server(CHAT_ADMISSION_MAX_LAG_MS=500)
-    s.node.loop_lag = 0.6  # type: ignore[misc]
+    s.status.loop_lag = 0.6  # type: ignore[misc]
     response = handshake(s, FakeWs(1))
     assert response is not None and response.status_code == 503 and "Retry-After" in response.headers
-    s.node.loop_lag = 0.4  # type: ignore[misc]
+    s.status.loop_lag = 0.4  # type: ignore[misc]
     assert handshake(s, FakeWs(2)) is None
 
 
 def test_zero_disables_both_bounds():
     s = server(CHAT_MAX_HELLOS_IN_PROGRESS=0, CHAT_ADMISSION_MAX_LAG_MS=0)
-    s.node.loop_lag = 5.0  # type: ignore[misc]
+    s.status.loop_lag = 5.0  # type: ignore[misc]
     assert all(handshake(s, FakeWs(i)) is None for i in range(300))

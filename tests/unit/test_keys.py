@@ -33,3 +33,10 @@ def test_user_keys_share_the_slot_of_their_online_index():
             k.user_rooms(user), k.user_reads(user), k.user_inbox(user), k.user_meta(user),
             k.user_sessions(user), k.online_index(k.user_shard(user))]}
         assert len(slots) == 1
+
+
+def test_the_sweeper_builds_the_same_user_keys_as_keys():
+    k = Keys(16)
+    shard = k.user_shard("alice")
+    assert k.user_key_prefix(shard) + "alice" + Keys.SESSIONS_SUFFIX == k.user_sessions("alice")
+    assert k.user_key_prefix(shard) + "alice" + Keys.META_SUFFIX == k.user_meta("alice")

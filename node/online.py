@@ -1,0 +1,125 @@
+"""The node's side of presence: its local sessions, their heartbeats, the sweeper of sessions
+whose node died, and the online/offline announcements (debounced, so that reloads and clients
+in a reconnect loop never flood rooms). The Redis scripts are in :mod:`node.presence`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from .auth import Identity
+from .config import Settings
+from .ephemeral import Ephemeral
+from .errors import ChatError
+from .keys import Keys, UserId
+from .metrics import METRICS
+from .pauses import PausePoints
+from .presence import Presence
+from .redisio import unavailable_on_redis_errors
+from .rooms import Rooms
+from .summaries import RoomSummaries
+from .supervise import Jobs
+
+PRESENCE_DEBOUNCE_S = 1.0
+
+
+class Online:
+    def __init__(self, settings: Settings, redis: Any, keys: Keys, presence: Presence, rooms: Rooms,
+                 ephemeral: Ephemeral, summaries: RoomSummaries, jobs: Jobs, pauses: PausePoints) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
+        self.presence = presence
+        self.rooms = rooms
+        self.ephemeral = ephemeral
+        self.summaries = summaries
+        self.jobs = jobs
+        self.pauses = pauses
+        self.local: dict[str, tuple[str, str]] = {}  # WebSocket session id -> (user id, name)
+
+    async def started(self, user: UserId, name: str, session: str, ws: bool,
+                      ttl_ms: int | None = None) -> None:
+        """Register a session in presence. A WebSocket session is a local session (kept alive by
+        this node's heartbeats) from before the first await, so that :meth:`ended`, whenever it
+        runs, removes it; if it ended while this ran, it is ended again here (the end may have
+        reached Redis before the start did)."""
+        if ws:
+            self.local[session] = (user, name)
+        with unavailable_on_redis_errors("session"):
+            await self.redis.pfadd(self.keys.general_members(), user)
+        first = await self.presence.start(user, name, session, ttl_ms)
+        await self.pauses.point("presence.started")
+        if ws and session not in self.local:
+            await self.presence.end(user, session)
+            return
+        if first:
+            self.jobs.spawn(self._announce_online(user, name), "presence-online")
+
+    async def ended(self, user: UserId, name: str, session: str) -> None:
+        self.local.pop(session, None)
+        try:
+            online_ms = await self.presence.end(user, session)
+        except ChatError:
+            return  # Redis is down: the session expires by its TTL
+        # A user online for less than the debounce never announced "online": stay quiet.
+        if online_ms is not None and (online_ms < 0 or online_ms >= PRESENCE_DEBOUNCE_S * 1000):
+            self.jobs.spawn(self._announce(user, name, "offline"), "presence-offline")
+
+    async def poll_heartbeat(self, identity: Identity, session: str, next_poll_ms: int) -> None:
+        """A poll keeps the user online until a little after the next poll is due."""
+        await self.started(identity.user, identity.name, "p:" + session, False,
+                           ttl_ms=next_poll_ms + self.settings.presence_ttl * 1000)
+
+    async def _announce_online(self, user: str, name: str) -> None:
+        """Debounced: a session that is gone within PRESENCE_DEBOUNCE_S (a reload, a client in a
+        reconnect loop) announces nothing, so churn never floods rooms with presence events."""
+        await asyncio.sleep(PRESENCE_DEBOUNCE_S)
+        online, _ = await self.presence.status(user)
+        if online:
+            await self._announce(user, name, "online")
+
+    async def _announce(self, user: str, name: str, status: str) -> None:
+        """Presence event to the user's rooms that are small enough for per-user events."""
+        rooms = await self.rooms.user_rooms(UserId(user))
+        counts = await self.rooms.member_counts(list(rooms))
+        small: list[str] = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
+        for room in small:  # a big room's count is throttled; recomputing it is O(members)
+            self.summaries.forget(room)
+        await self.ephemeral.presence(small, user, name, status)
+
+    async def heartbeats(self) -> None:
+        """Loop: refresh the local sessions every third of the presence TTL."""
+        interval = max(1.0, self.settings.presence_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            await self.heartbeat_once()
+
+    async def heartbeat_once(self) -> None:
+        """Refresh every local session's TTL: O(1) Redis work per session, whatever its rooms."""
+        sessions = [(user, sid) for sid, (user, _) in self.local.items()]
+        missing = await self.presence.heartbeat(sessions)
+        METRICS.presence_heartbeats.inc(len(sessions))
+        # Sessions Redis no longer has although they are still open here: the node was stalled
+        # past the TTL (or Redis lost them) and the sweeper took the user offline. Start them
+        # again (announcing the user online if that is a transition). Ended sessions are never
+        # refreshed: the heartbeat only touches live entries, and started() ends a session that
+        # closed while it ran.
+        for _, sid in missing:
+            local = self.local.get(sid)
+            if local is not None:
+                await self.started(UserId(local[0]), local[1], sid, True)
+
+    async def sweeper(self) -> None:
+        """Loop: users whose sessions all expired (their node died) go offline, announced once."""
+        interval = max(1.0, min(5.0, self.settings.presence_ttl / 6))
+        while True:
+            await asyncio.sleep(interval * (0.5 + random.random()))
+            for shard in range(self.keys.shards):
+                gone = await self.presence.sweep(shard)
+                if not gone:
+                    continue
+                names = await self.presence.names(gone)
+                for user in gone:
+                    self.jobs.spawn(self._announce(user, names.get(user, user), "offline"), "presence-sweep")
