@@ -114,373 +114,157 @@ class Settings:
     """Every setting, declared once: its type, environment variable, cast, default, help and
     check. ``FIELDS`` and the README table are derived from this."""
 
-    redis_url: str = setting(
-        "CHAT_REDIS_URL",
-        str,
-        "redis://127.0.0.1:6379/0",
-        "Redis URL: redis://, rediss://, or redis+cluster://host:port",
-        _redis_url,
-    )
-    redis_wait_replicas: int = setting(
-        "CHAT_REDIS_WAIT_REPLICAS",
-        int,
-        0,
+    redis_url: str = setting("CHAT_REDIS_URL", str, "redis://127.0.0.1:6379/0",
+        "Redis URL: redis://, rediss://, or redis+cluster://host:port", _redis_url)
+    redis_wait_replicas: int = setting("CHAT_REDIS_WAIT_REPLICAS", int, 0,
         "After each append, WAIT for this many replicas (up to 1 s) before a send is acked, so "
-        "the ack survives a failover; fewer in time: acked with durable: false (0: off)",
-        _non_negative,
-    )
-    host: str = setting(
-        "CHAT_HOST", str, "0.0.0.0", "Address the WebSocket and HTTP servers bind to"
-    )
-    ws_port: int = setting("CHAT_WS_PORT", int, 8000, "WebSocket port (0: pick a free one)", _port)
-    http_port: int = setting(
-        "CHAT_HTTP_PORT",
-        int,
-        8001,
-        "HTTP port: API, polling, demo page, /metrics, /healthz (0: pick a free one)",
-        _port,
-    )
-    node_id: str = setting(
-        "CHAT_NODE_ID", str, "", "Node name in logs, metrics and welcome (default: host + random)"
-    )
-    auth: str = setting(
-        "CHAT_AUTH",
-        str,
-        "jwt",
-        "jwt, or dev (accepts hello with a bare user name)",
-        _one_of("jwt", "dev"),
-    )
-    jwt_secret: str = setting(
-        "CHAT_JWT_SECRET",
-        str,
-        "",
-        "HS256 secret(s) for user tokens, comma-separated: the first signs, all verify (rotation)",
-    )
-    jwt_public_key: str = setting(
-        "CHAT_JWT_PUBLIC_KEY", str, "", "PEM public key for RS256/ES256 tokens"
-    )
-    jwks_file: str = setting(
-        "CHAT_JWKS_FILE",
-        str,
-        "",
-        "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it changes",
-    )
-    jwt_leeway_s: float = setting(
-        "CHAT_JWT_LEEWAY_S", float, 30.0, "Clock skew accepted on exp (seconds)", _non_negative
-    )
-    jwt_audience: str = setting(
-        "CHAT_JWT_AUDIENCE",
-        str,
-        "",
-        "Accepted aud values, comma-separated: when set, user tokens must name one (unset: aud not checked)",
-    )
-    jwt_issuer: str = setting(
-        "CHAT_JWT_ISSUER",
-        str,
-        "",
-        "Required iss of user tokens (unset: not checked); tokens the node signs carry it",
-    )
-    token_refresh_window_s: float = setting(
-        "CHAT_TOKEN_REFRESH_WINDOW_S",
-        float,
-        60.0,
-        "A WebSocket whose token expired may send refresh for this long before it is closed 4500",
-        _non_negative,
-    )
-    token_notice_s: float = setting(
-        "CHAT_TOKEN_NOTICE_S",
-        float,
-        60.0,
-        "token_expiring is sent this long before a live connection's token expires",
-        _non_negative,
-    )
-    api_key: str = setting(
-        "CHAT_API_KEY",
-        str,
-        "",
-        "Bearer key for the server endpoints (alerts, tokens, system messages)",
-    )
-    allowed_origins: tuple[str, ...] = setting(
-        "CHAT_ALLOWED_ORIGINS",
-        _list,
-        (),
-        "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com wildcards)",
-    )
-    drain_seconds: float = setting(
-        "CHAT_DRAIN_SECONDS",
-        float,
-        30.0,
-        "On SIGTERM, closes (4001) are spread over this window",
-        _non_negative,
-    )
-    presence_ttl: int = setting(
-        "CHAT_PRESENCE_TTL",
-        int,
-        30,
-        "Seconds a session stays online without a heartbeat",
-        _positive,
-    )
-    history_maxlen: int = setting(
-        "CHAT_HISTORY_MAXLEN", int, 10000, "Messages kept per room (approximate trim)", _positive
-    )
-    history_max_age_s: float = setting(
-        "CHAT_HISTORY_MAX_AGE",
-        duration,
-        0.0,
-        "Messages older than this are trimmed from a room when it gets a new one (approximate): "
-        "30d, 12h, seconds; 0: keep them (CHAT_HISTORY_MAXLEN still applies)",
-        _non_negative,
-    )
-    max_text_chars: int = setting(
-        "CHAT_MAX_TEXT_CHARS", int, 4000, "Longest message text, in characters", _positive
-    )
-    max_frame_bytes: int = setting(
-        "CHAT_MAX_FRAME_BYTES", int, 65536, "Largest client frame; larger closes 1009", _positive
-    )
-    outbound_buffer_bytes: int = setting(
-        "CHAT_OUTBOUND_BUFFER_BYTES",
-        int,
-        1 << 20,
-        "Per-connection outbound buffer; a client over it is closed 4002",
-        _positive,
-    )
-    hello_timeout_s: float = setting(
-        "CHAT_HELLO_TIMEOUT_S", float, 10.0, "Time allowed for the first frame (hello)", _positive
-    )
-    replay_limit: int = setting(
-        "CHAT_REPLAY_LIMIT",
-        int,
-        1000,
-        "Most messages replayed per room on resume; a larger gap gives recovered: false",
-        _positive,
-    )
-    history_limit_max: int = setting(
-        "CHAT_HISTORY_LIMIT_MAX", int, 100, "Largest history page", _positive
-    )
-    shards: int = setting(
-        "CHAT_SHARDS",
-        int,
-        16,
-        "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data",
-        _positive,
-    )
-    read_count: int = setting(
-        "CHAT_READ_COUNT", int, 512, "Entries per XREAD call of a shard reader", _positive
-    )
-    read_block_ms: int = setting(
-        "CHAT_READ_BLOCK_MS", int, 5000, "Longest block of a shard reader's XREAD", _positive
-    )
-    read_linger_ms: float = setting(
-        "CHAT_READ_LINGER_MS",
-        float,
-        2.0,
+        "the ack survives a failover; fewer in time: acked with durable: false (0: off)", _non_negative)
+    host: str = setting("CHAT_HOST", str, "0.0.0.0",
+        "Address the WebSocket and HTTP servers bind to")
+    ws_port: int = setting("CHAT_WS_PORT", int, 8000,
+        "WebSocket port (0: pick a free one)", _port)
+    http_port: int = setting("CHAT_HTTP_PORT", int, 8001,
+        "HTTP port: API, polling, demo page, /metrics, /healthz (0: pick a free one)", _port)
+    node_id: str = setting("CHAT_NODE_ID", str, "",
+        "Node name in logs, metrics and welcome (default: host + random)")
+    auth: str = setting("CHAT_AUTH", str, "jwt",
+        "jwt, or dev (accepts hello with a bare user name)", _one_of("jwt", "dev"))
+    jwt_secret: str = setting("CHAT_JWT_SECRET", str, "",
+        "HS256 secret(s) for user tokens, comma-separated: the first signs, all verify "
+        "(rotation)")
+    jwt_public_key: str = setting("CHAT_JWT_PUBLIC_KEY", str, "",
+        "PEM public key for RS256/ES256 tokens")
+    jwks_file: str = setting("CHAT_JWKS_FILE", str, "",
+        "JWKS file of RS256/ES256 public keys, chosen by the token's kid; re-read when it "
+        "changes")
+    jwt_leeway_s: float = setting("CHAT_JWT_LEEWAY_S", float, 30.0,
+        "Clock skew accepted on exp (seconds)", _non_negative)
+    jwt_audience: str = setting("CHAT_JWT_AUDIENCE", str, "",
+        "Accepted aud values, comma-separated: when set, user tokens must name one (unset: aud "
+        "not checked)")
+    jwt_issuer: str = setting("CHAT_JWT_ISSUER", str, "",
+        "Required iss of user tokens (unset: not checked); tokens the node signs carry it")
+    token_refresh_window_s: float = setting("CHAT_TOKEN_REFRESH_WINDOW_S", float, 60.0,
+        "A WebSocket whose token expired may send refresh for this long before it is closed "
+        "4500", _non_negative)
+    token_notice_s: float = setting("CHAT_TOKEN_NOTICE_S", float, 60.0,
+        "token_expiring is sent this long before a live connection's token expires", _non_negative)
+    api_key: str = setting("CHAT_API_KEY", str, "",
+        "Bearer key for the server endpoints (alerts, tokens, system messages)")
+    allowed_origins: tuple[str, ...] = setting("CHAT_ALLOWED_ORIGINS", _list, (),
+        "Comma-separated browser origins allowed for WebSocket and CORS (*.example.com "
+        "wildcards)")
+    drain_seconds: float = setting("CHAT_DRAIN_SECONDS", float, 30.0,
+        "On SIGTERM, closes (4001) are spread over this window", _non_negative)
+    presence_ttl: int = setting("CHAT_PRESENCE_TTL", int, 30,
+        "Seconds a session stays online without a heartbeat", _positive)
+    history_maxlen: int = setting("CHAT_HISTORY_MAXLEN", int, 10000,
+        "Messages kept per room (approximate trim)", _positive)
+    history_max_age_s: float = setting("CHAT_HISTORY_MAX_AGE", duration, 0.0,
+        "Messages older than this are trimmed from a room when it gets a new one (approximate):"
+        " 30d, 12h, seconds; 0: keep them (CHAT_HISTORY_MAXLEN still applies)", _non_negative)
+    max_text_chars: int = setting("CHAT_MAX_TEXT_CHARS", int, 4000,
+        "Longest message text, in characters", _positive)
+    max_frame_bytes: int = setting("CHAT_MAX_FRAME_BYTES", int, 65536,
+        "Largest client frame; larger closes 1009", _positive)
+    outbound_buffer_bytes: int = setting("CHAT_OUTBOUND_BUFFER_BYTES", int, 1 << 20,
+        "Per-connection outbound buffer; a client over it is closed 4002", _positive)
+    hello_timeout_s: float = setting("CHAT_HELLO_TIMEOUT_S", float, 10.0,
+        "Time allowed for the first frame (hello)", _positive)
+    replay_limit: int = setting("CHAT_REPLAY_LIMIT", int, 1000,
+        "Most messages replayed per room on resume; a larger gap gives recovered: false", _positive)
+    history_limit_max: int = setting("CHAT_HISTORY_LIMIT_MAX", int, 100,
+        "Largest history page", _positive)
+    shards: int = setting("CHAT_SHARDS", int, 16,
+        "Virtual shards (hash tags) rooms are spread over; fixed for the life of the data", _positive)
+    read_count: int = setting("CHAT_READ_COUNT", int, 512,
+        "Entries per XREAD call of a shard reader", _positive)
+    read_block_ms: int = setting("CHAT_READ_BLOCK_MS", int, 5000,
+        "Longest block of a shard reader's XREAD", _positive)
+    read_linger_ms: float = setting("CHAT_READ_LINGER_MS", float, 2.0,
         "After a shard read that returned entries, wait this long before the next one so busy "
-        "rooms are read and written in batches (0: read again at once)",
-        _non_negative,
-    )
-    ping_interval_s: float = setting(
-        "CHAT_PING_INTERVAL_S", float, 20.0, "WebSocket ping interval", _positive
-    )
-    cmid_ttl_s: int = setting(
-        "CHAT_CMID_TTL_S", int, 86400, "How long a client message id deduplicates sends", _positive
-    )
-    max_connections: int = setting(
-        "CHAT_MAX_CONNECTIONS", int, 50000, "WebSocket connections per node", _positive
-    )
-    protocol_errors_max: int = setting(
-        "CHAT_PROTOCOL_ERRORS_MAX",
-        int,
-        10,
-        "Malformed frames tolerated per connection before close 4502",
-        _positive,
-    )
-    rate_per_s: float = setting(
-        "CHAT_RATE_PER_S",
-        float,
-        20.0,
-        "Commands per second per connection (token bucket)",
-        _positive,
-    )
-    rate_burst: int = setting(
-        "CHAT_RATE_BURST", int, 60, "Token bucket size per connection", _positive
-    )
-    rate_strikes_max: int = setting(
-        "CHAT_RATE_STRIKES_MAX",
-        int,
-        20,
-        "Rate-limited commands tolerated before close 4003",
-        _positive,
-    )
-    max_connections_per_ip: int = setting(
-        "CHAT_MAX_CONNECTIONS_PER_IP",
-        int,
-        200,
-        "WebSocket connections per client IP on one node, refused with HTTP 429 (0: no limit)",
-        _non_negative,
-    )
-    max_connections_per_user: int = setting(
-        "CHAT_MAX_CONNECTIONS_PER_USER",
-        int,
-        20,
-        "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no limit)",
-        _non_negative,
-    )
-    max_hellos_in_progress: int = setting(
-        "CHAT_MAX_HELLOS_IN_PROGRESS",
-        int,
-        200,
-        "WebSocket handshakes admitted and not yet welcomed, per node; at the bound new handshakes "
-        "are refused with HTTP 503 + Retry-After (0: no limit)",
-        _non_negative,
-    )
-    admission_max_lag_ms: int = setting(
-        "CHAT_ADMISSION_MAX_LAG_MS",
-        int,
-        500,
-        "Event-loop lag (last sample) over which new WebSocket handshakes are refused with HTTP 503 "
-        "+ Retry-After (0: off)",
-        _non_negative,
-    )
-    admission_retry_after_s: int = setting(
-        "CHAT_ADMISSION_RETRY_AFTER_S",
-        int,
-        5,
-        "Retry-After of a handshake refused for overload: uniform in 1..this many seconds",
-        _positive,
-    )
-    trusted_proxies: tuple[str, ...] = setting(
-        "CHAT_TRUSTED_PROXIES",
-        _list,
-        (),
-        "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)",
-    )
-    create_room_per_min: float = setting(
-        "CHAT_CREATE_ROOM_PER_MIN",
-        float,
-        10.0,
-        "create_room commands per minute per user and node (token bucket)",
-        _positive,
-    )
-    create_room_burst: int = setting(
-        "CHAT_CREATE_ROOM_BURST", int, 10, "create_room bucket size per user", _positive
-    )
-    http_max_body_bytes: int = setting(
-        "CHAT_HTTP_MAX_BODY_BYTES",
-        int,
-        262144,
-        "Largest HTTP API body (session and poll carry cursors); commands use CHAT_MAX_FRAME_BYTES",
-        _positive,
-    )
-    http_rate_per_s: float = setting(
-        "CHAT_HTTP_RATE_PER_S",
-        float,
-        50.0,
-        "HTTP API requests per second per client IP and node (token bucket); over it: 429",
-        _positive,
-    )
-    http_rate_burst: int = setting(
-        "CHAT_HTTP_RATE_BURST", int, 200, "HTTP API bucket size per client IP", _positive
-    )
-    typing_interval_ms: int = setting(
-        "CHAT_TYPING_INTERVAL_MS",
-        int,
-        3000,
-        "Least time between typing events per user and room",
-        _positive,
-    )
-    typing_ttl_ms: int = setting(
-        "CHAT_TYPING_TTL_MS", int, 6000, "How long clients show a typing indicator", _positive
-    )
-    presence_room_limit: int = setting(
-        "CHAT_PRESENCE_ROOM_LIMIT",
-        int,
-        200,
-        "Rooms with more members get throttled online counts instead of presence events",
-        _positive,
-    )
-    poll_min_ms: int = setting(
-        "CHAT_POLL_MIN_MS", int, 1000, "Poll interval after activity", _positive
-    )
-    poll_max_ms: int = setting("CHAT_POLL_MAX_MS", int, 30000, "Longest poll interval", _positive)
-    poll_decay: float = setting(
-        "CHAT_POLL_DECAY",
-        float,
-        1.5,
-        "Poll interval growth per empty poll",
-        lambda v: None if v >= 1 else "must be >= 1",
-    )
-    poll_unfocused_ms: int = setting(
-        "CHAT_POLL_UNFOCUSED_MS",
-        int,
-        15000,
-        "Least poll interval of an unfocused client",
-        _positive,
-    )
-    max_rooms_per_user: int = setting(
-        "CHAT_MAX_ROOMS_PER_USER", int, 500, "Rooms a user may be a member of", _positive
-    )
-    max_room_members: int = setting(
-        "CHAT_MAX_ROOM_MEMBERS", int, 10000, "Members of one created room", _positive
-    )
-    max_polls_per_user: int = setting(
-        "CHAT_MAX_POLLS_PER_USER",
-        int,
-        4,
-        "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = off)",
-        _non_negative,
-    )
-    max_json_depth: int = setting(
-        "CHAT_MAX_JSON_DEPTH",
-        int,
-        MAX_JSON_DEPTH,
-        "Deepest nesting of a command frame (the frame object is level 1)",
-        lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64",
-    )
-    personal_maxlen: int = setting(
-        "CHAT_PERSONAL_MAXLEN",
-        int,
-        500,
-        "Personal events (alerts, invitations) kept per user while offline",
-        _positive,
-    )
-    abuse_closes_max: int = setting(
-        "CHAT_ABUSE_CLOSES_MAX",
-        int,
-        20,
-        "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its "
-        "handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables",
-        _non_negative,
-    )
-    abuse_window_s: float = setting(
-        "CHAT_ABUSE_WINDOW_S", float, 60.0, "Window counting abusive closes per address", _positive
-    )
-    abuse_penalty_s: float = setting(
-        "CHAT_ABUSE_PENALTY_S", float, 30.0, "How long an abusive address is refused", _positive
-    )
-    gc_freeze: bool = setting(
-        "CHAT_GC_FREEZE",
-        _bool,
-        True,
-        "Move start-up objects out of the cyclic GC and collect young objects less often "
-        "(fewer stop-the-world pauses with many connections)",
-    )
-    log_format: str = setting(
-        "CHAT_LOG_FORMAT",
-        str,
-        "json",
-        "json (one object per line) or text",
-        _one_of("json", "text"),
-    )
-    log_level: str = setting(
-        "CHAT_LOG_LEVEL",
-        str,
-        "INFO",
-        "Python log level",
-        _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
-    )
-    dev_force: bool = setting(
-        "CHAT_DEV_FORCE", _bool, False, "Allow CHAT_AUTH=dev on a non-loopback address"
-    )
+        "rooms are read and written in batches (0: read again at once)", _non_negative)
+    ping_interval_s: float = setting("CHAT_PING_INTERVAL_S", float, 20.0,
+        "WebSocket ping interval", _positive)
+    cmid_ttl_s: int = setting("CHAT_CMID_TTL_S", int, 86400,
+        "How long a client message id deduplicates sends", _positive)
+    max_connections: int = setting("CHAT_MAX_CONNECTIONS", int, 50000,
+        "WebSocket connections per node", _positive)
+    protocol_errors_max: int = setting("CHAT_PROTOCOL_ERRORS_MAX", int, 10,
+        "Malformed frames tolerated per connection before close 4502", _positive)
+    rate_per_s: float = setting("CHAT_RATE_PER_S", float, 20.0,
+        "Commands per second per connection (token bucket)", _positive)
+    rate_burst: int = setting("CHAT_RATE_BURST", int, 60,
+        "Token bucket size per connection", _positive)
+    rate_strikes_max: int = setting("CHAT_RATE_STRIKES_MAX", int, 20,
+        "Rate-limited commands tolerated before close 4003", _positive)
+    max_connections_per_ip: int = setting("CHAT_MAX_CONNECTIONS_PER_IP", int, 200,
+        "WebSocket connections per client IP on one node, refused with HTTP 429 (0: no limit)", _non_negative)
+    max_connections_per_user: int = setting("CHAT_MAX_CONNECTIONS_PER_USER", int, 20,
+        "Live WebSocket sessions per user across the cluster; one more is closed 4003 (0: no "
+        "limit)", _non_negative)
+    max_hellos_in_progress: int = setting("CHAT_MAX_HELLOS_IN_PROGRESS", int, 200,
+        "WebSocket handshakes admitted and not yet welcomed, per node; at the bound new "
+        "handshakes are refused with HTTP 503 + Retry-After (0: no limit)", _non_negative)
+    admission_max_lag_ms: int = setting("CHAT_ADMISSION_MAX_LAG_MS", int, 500,
+        "Event-loop lag (last sample) over which new WebSocket handshakes are refused with HTTP"
+        " 503 + Retry-After (0: off)", _non_negative)
+    admission_retry_after_s: int = setting("CHAT_ADMISSION_RETRY_AFTER_S", int, 5,
+        "Retry-After of a handshake refused for overload: uniform in 1..this many seconds", _positive)
+    trusted_proxies: tuple[str, ...] = setting("CHAT_TRUSTED_PROXIES", _list, (),
+        "Peer IPs whose X-Forwarded-For names the client (for the per-IP limits)")
+    create_room_per_min: float = setting("CHAT_CREATE_ROOM_PER_MIN", float, 10.0,
+        "create_room commands per minute per user and node (token bucket)", _positive)
+    create_room_burst: int = setting("CHAT_CREATE_ROOM_BURST", int, 10,
+        "create_room bucket size per user", _positive)
+    http_max_body_bytes: int = setting("CHAT_HTTP_MAX_BODY_BYTES", int, 262144,
+        "Largest HTTP API body (session and poll carry cursors); commands use "
+        "CHAT_MAX_FRAME_BYTES", _positive)
+    http_rate_per_s: float = setting("CHAT_HTTP_RATE_PER_S", float, 50.0,
+        "HTTP API requests per second per client IP and node (token bucket); over it: 429", _positive)
+    http_rate_burst: int = setting("CHAT_HTTP_RATE_BURST", int, 200,
+        "HTTP API bucket size per client IP", _positive)
+    typing_interval_ms: int = setting("CHAT_TYPING_INTERVAL_MS", int, 3000,
+        "Least time between typing events per user and room", _positive)
+    typing_ttl_ms: int = setting("CHAT_TYPING_TTL_MS", int, 6000,
+        "How long clients show a typing indicator", _positive)
+    presence_room_limit: int = setting("CHAT_PRESENCE_ROOM_LIMIT", int, 200,
+        "Rooms with more members get throttled online counts instead of presence events", _positive)
+    poll_min_ms: int = setting("CHAT_POLL_MIN_MS", int, 1000,
+        "Poll interval after activity", _positive)
+    poll_max_ms: int = setting("CHAT_POLL_MAX_MS", int, 30000,
+        "Longest poll interval", _positive)
+    poll_decay: float = setting("CHAT_POLL_DECAY", float, 1.5,
+        "Poll interval growth per empty poll", lambda v: None if v >= 1 else "must be >= 1")
+    poll_unfocused_ms: int = setting("CHAT_POLL_UNFOCUSED_MS", int, 15000,
+        "Least poll interval of an unfocused client", _positive)
+    max_rooms_per_user: int = setting("CHAT_MAX_ROOMS_PER_USER", int, 500,
+        "Rooms a user may be a member of", _positive)
+    max_room_members: int = setting("CHAT_MAX_ROOM_MEMBERS", int, 10000,
+        "Members of one created room", _positive)
+    max_polls_per_user: int = setting("CHAT_MAX_POLLS_PER_USER", int, 4,
+        "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = "
+        "off)", _non_negative)
+    max_json_depth: int = setting("CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
+        "Deepest nesting of a command frame (the frame object is level 1)", lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64")
+    personal_maxlen: int = setting("CHAT_PERSONAL_MAXLEN", int, 500,
+        "Personal events (alerts, invitations) kept per user while offline", _positive)
+    abuse_closes_max: int = setting("CHAT_ABUSE_CLOSES_MAX", int, 20,
+        "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its"
+        " handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables", _non_negative)
+    abuse_window_s: float = setting("CHAT_ABUSE_WINDOW_S", float, 60.0,
+        "Window counting abusive closes per address", _positive)
+    abuse_penalty_s: float = setting("CHAT_ABUSE_PENALTY_S", float, 30.0,
+        "How long an abusive address is refused", _positive)
+    gc_freeze: bool = setting("CHAT_GC_FREEZE", _bool, True,
+        "Move start-up objects out of the cyclic GC and collect young objects less often (fewer"
+        " stop-the-world pauses with many connections)")
+    log_format: str = setting("CHAT_LOG_FORMAT", str, "json",
+        "json (one object per line) or text", _one_of("json", "text"))
+    log_level: str = setting("CHAT_LOG_LEVEL", str, "INFO",
+        "Python log level", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    dev_force: bool = setting("CHAT_DEV_FORCE", _bool, False,
+        "Allow CHAT_AUTH=dev on a non-loopback address")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
