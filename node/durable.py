@@ -99,6 +99,7 @@ class DurableAppend:
         self._clients: dict[str, Any] = {}  # cluster: master name -> its pooled client
         self._short: dict[str, float] = {}  # server name -> when its WAIT came back short
         self._loaded: set[str] = set()  # servers the script was loaded on by this node
+        self._refreshing: asyncio.Future[None] | None = None
 
     async def __call__(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
         loop = asyncio.get_running_loop()
@@ -112,9 +113,10 @@ class DurableAppend:
                     continue  # loaded now: again at once
             except _Retry:
                 pass
-            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
-                # Cluster: the master may be dead; wait for its replica's promotion. Single
-                # Redis: `unavailable` at once, like any command (the pool already retried).
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError, rexc.RedisClusterException):
+                # Cluster: the master may be dead, or its slots not covered for a moment; wait
+                # for its replica's promotion. Single Redis: `unavailable` at once, like any
+                # command (the pool already retried).
                 if not self.cluster:
                     raise
             if loop.time() >= deadline:
@@ -149,9 +151,9 @@ class DurableAppend:
                 raise _Retry
             raise result
         if short_since is None:
-            if isinstance(check, BaseException):
-                raise check
-            durable = int(check) >= self.replicas
+            # WAIT refused (a proxy or service that does not allow it): the message is stored,
+            # so it is acked, not durable; the server is then treated as short of replicas.
+            durable = not isinstance(check, BaseException) and int(check) >= self.replicas
             if not durable:
                 self._short[name] = time.monotonic()
         else:
@@ -181,7 +183,13 @@ class DurableAppend:
         return client, node.name
 
     async def _refresh(self) -> None:
-        """Re-read the slot map (a failover, a moved slot); drop clients of former masters."""
+        """Re-read the slot map (a failover, a moved slot), once for all the appends that
+        need it at the same time; drop the clients of former masters."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._reread())
+        await asyncio.shield(self._refreshing)
+
+    async def _reread(self) -> None:
         try:
             await self.redis.nodes_manager.initialize()
         except Exception:  # the cluster is still electing: the next attempt tries again

@@ -136,6 +136,22 @@ async def test_with_a_replica_acks_are_durable_and_a_stalled_replica_gives_durab
         replica.stop(timeout=1)
 
 
+@pytest.mark.standalone_only
+async def test_a_redis_that_refuses_wait_still_acks(start_nodes, clients, tmp_path):
+    """A proxy or managed service that does not allow WAIT: the message is stored, so the
+    send is acknowledged (durable: false), never answered with an error."""
+    server = start_redis(0, extra=["--rename-command", "WAIT", ""], log_path=str(tmp_path / "nowait.log"))
+    try:
+        (node,) = start_nodes(1, CHAT_REDIS_WAIT_REPLICAS=1, CHAT_REDIS_URL=server.info["url"])
+        sender = await clients(node.ws_url, user="alice")
+        replies = [(await timed_send(sender, f"w{i}"))[0] for i in range(3)]
+        assert [r["durable"] for r in replies] == [False] * 3
+        history = await sender.history("general", limit=10)
+        assert [m["id"] for m in history["messages"]][-3:] == [r["id"] for r in replies]
+    finally:
+        server.stop(timeout=1)
+
+
 # -- Redis Cluster: a master killed right after a burst of acks ---------------------------
 
 async def burst_and_kill(start_nodes, clients, redis_server, wait: int) -> dict[str, Any]:
