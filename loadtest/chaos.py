@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import copy
 import json
@@ -293,11 +294,15 @@ class Infra:
                 except ValueError:
                     line = None
                 if isinstance(line, dict):
-                    bad = line.get("level") in ("error", "critical") or "exc_info" in line or "traceback" in line
+                    bad = line.get("level") in ("error", "critical") or "exc" in line
+                    exc = str(line.get("exc", "")).strip().splitlines()
+                    text = f"{line.get('node')} {line.get('level')} {line.get('msg')}" + \
+                        (f" | {' / '.join(x.strip() for x in exc[-3:])}" if exc else "")
                 else:
                     bad = "Traceback" in raw or "Error" in raw
+                    text = raw
                 if bad and len(out) < limit:
-                    out.append(f"{slot.name}: {raw[:600]}")
+                    out.append(f"{slot.name}: {text[:500]}")
         return out
 
 
@@ -540,18 +545,43 @@ class Recorder:
             self.alerts[ev.get("id", "")] += 1
 
 
+class TracingClient(ChatClient):
+    """A ChatClient that remembers how each of its connections ended: the close frame received
+    and the one sent, and which side closed first. A 1011 the node sent is a node error; a
+    1011 the client sent (its keepalive ping got no pong in time) echoed by the node is not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_log: list[dict[str, Any]] = []
+
+    async def _session(self) -> None:
+        try:
+            await super()._session()
+        finally:
+            ws = self._ws
+            if ws is not None:
+                proto = ws.protocol
+                rcvd, sent = proto.close_rcvd, proto.close_sent
+                self.close_log.append({
+                    "rcvd": [rcvd.code, rcvd.reason[:60]] if rcvd else None,
+                    "sent": [sent.code, sent.reason[:60]] if sent else None,
+                    "by": "node" if proto.close_rcvd_then_sent else "client" if sent else "network"})
+
+
 class WsUser:
     def __init__(self, user: str, url: str, log: Log) -> None:
         self.user, self.url, self.log = user, url, log
         self.rec = Recorder(user, "ws")
-        self.client: ChatClient | None = None
+        self.client: TracingClient | None = None
         self.consumer: asyncio.Task[None] | None = None
         self.reloads = 0
         self.close_codes: Counter[str] = Counter()  # of every client this session used
+        self.seen_closes = 0  # ends of the current client's connections already looked at
+        self.pending_closes: list[dict[str, Any]] = []  # of replaced clients, not looked at yet
         self.lock = asyncio.Lock()
 
-    def _new_client(self, cursors: Any = None, personal: Any = None) -> ChatClient:
-        return ChatClient(self.url, user=self.user, cursors=cursors, personal=personal,
+    def _new_client(self, cursors: Any = None, personal: Any = None) -> TracingClient:
+        return TracingClient(self.url, user=self.user, cursors=cursors, personal=personal,
                           backoff_min=0.05, backoff_max=2.0, ping_interval=5.0, ping_timeout=10.0)
 
     async def _consume(self, client: ChatClient) -> None:
@@ -578,6 +608,8 @@ class WsUser:
             old.events.put_nowait({"type": "_swap"})
             await asyncio.wait_for(self.consumer, 30)
             new = self._new_client(cursors, personal)
+            self.pending_closes += old.close_log[self.seen_closes:]  # no await from here to the swap
+            self.seen_closes = 0
             self.client = new
             self.consumer = asyncio.get_running_loop().create_task(self._consume(new))
             self.reloads += 1
@@ -717,6 +749,7 @@ class Chaos:
         self.alerts_failed: Counter[str] = Counter()
         self.alerts_sent = 0
         self.node_deaths: list[dict[str, Any]] = []
+        self.closes: list[dict[str, Any]] = []
 
     # setup -----------------------------------------------------------------------------------
     async def setup(self, infra: Infra, http: aiohttp.ClientSession) -> None:
@@ -861,9 +894,28 @@ class Chaos:
             except Exception as exc:  # a reload that failed is a finding, not a crash of the soak
                 self.send_errors[f"reload {type(exc).__name__}"] += 1
 
+    def note_closes(self, injector: Injector) -> None:
+        """When each WebSocket close code other than the client's own 1000 was seen, and after
+        which fault (a 1011 is a failure: the node hit an unexpected error)."""
+        for u in self.ws:
+            client = u.client
+            if client is None:
+                continue
+            ends = u.pending_closes + client.close_log[u.seen_closes:]
+            u.pending_closes = []
+            u.seen_closes = len(client.close_log)
+            for end in ends:
+                if end["by"] == "client" and end["sent"] and end["sent"][0] == 1000:
+                    continue  # a reload
+                at = now_ms()
+                self.closes.append({"user": u.user, **end, "at_s": round((at - injector.t0_ms) / 1000, 1),
+                                    "after_fault": injector.last_fault_before(at)})
+
     async def monitor(self, infra: Infra, injector: Injector, stop: asyncio.Event) -> None:
-        """Notices nodes that died by themselves, records them and starts a replacement."""
+        """Notices nodes that died by themselves, records them and starts a replacement; notes
+        the close codes the clients saw."""
         while not stop.is_set():
+            self.note_closes(injector)
             for name, slot in infra.slots.items():
                 if name in infra.replacing or slot.proc.alive():
                     continue
@@ -950,7 +1002,7 @@ class Chaos:
     def check(self, histories: dict[str, list[dict[str, Any]]], injector: Injector) -> dict[str, Any]:
         failures: list[str] = []
         examples: list[dict[str, Any]] = []
-        lost = duplicated = reported_lost = out_of_order = 0
+        lost = duplicated = reported_lost = out_of_order = redelivered = resets_seen = 0
         sessions = 0
         hist_ids = {room: [m["id"] for m in msgs] for room, msgs in histories.items()}
         for rec, user in [(u.rec, u.user) for u in self.ws] + [(p.rec, p.user) for p in self.pollers]:
@@ -962,36 +1014,48 @@ class Chaos:
                     continue
                 ids = hist_ids[room]
                 tuples = [stream_id_tuple(i) for i in ids]
-                got_all = [i for s in segs for i in s.ids]
-                counts = Counter(got_all)
-                dups = [i for i, c in counts.items() if c > 1]
-                if dups:
-                    duplicated += sum(counts[i] - 1 for i in dups)
-                    examples.append({"check": "sequences", "what": "duplicated", "user": user,
-                                     "transport": rec.transport, "room": room, "ids": dups[:5],
-                                     "after_fault": injector.last_fault_before(id_ms(dups[0]))})
+                seen: set[str] = set()
                 for k, seg in enumerate(segs):
+                    counts = Counter(seg.ids)
+                    dups = [i for i, c in counts.items() if c > 1]
+                    if dups:  # twice within one segment: never excused
+                        duplicated += sum(counts[i] - 1 for i in dups)
+                        examples.append({"check": "sequences", "what": "duplicated", "user": user,
+                                         "transport": rec.transport, "room": room, "segment": k,
+                                         "segment_reason": seg.reason, "ids": dups[:5],
+                                         "after_fault": injector.last_fault_before(id_ms(dups[0]))})
+                    again = [i for i in counts if i in seen]
+                    if again:  # delivered before a recovered:false and again after it: reported
+                        redelivered += len(again)
+                        examples.append({"check": "sequences", "what": "redelivered after recovered:false",
+                                         "user": user, "transport": rec.transport, "room": room,
+                                         "segment": k, "segment_reason": seg.reason, "ids": again[:5],
+                                         "after_fault": injector.last_fault_before(seg.at_ms)})
+                    seen.update(counts)
+                    if k > 0:
+                        resets_seen += 1
+                        examples.append({"check": "info", "what": "recovered:false", "user": user,
+                                         "transport": rec.transport, "room": room, "segment": k,
+                                         "reason": seg.reason, "start": seg.start,
+                                         "previous_last": (segs[k - 1].ids or [segs[k - 1].start or ""])[-1],
+                                         "after_fault": injector.last_fault_before(seg.at_ms)})
                     final = k == len(segs) - 1
-                    if seg.start is None:
-                        lo = 0
-                    else:
-                        st = stream_id_tuple(seg.start)
-                        lo = next((j for j, t in enumerate(tuples) if t > st), len(ids))
+                    lo = 0 if seg.start is None else bisect.bisect_right(tuples, stream_id_tuple(seg.start))
                     if final:
                         hi = len(ids)
                     elif seg.ids:
-                        last = stream_id_tuple(seg.ids[-1])
-                        hi = next((j for j, t in enumerate(tuples) if t > last), len(ids))
+                        hi = bisect.bisect_right(tuples, stream_id_tuple(seg.ids[-1]))
                     else:
                         hi = lo
                     expected = ids[lo:hi]
                     got = list(dict.fromkeys(seg.ids))
+                    got_set, expected_set = set(got), set(expected)
                     if got != sorted(got, key=stream_id_tuple):
                         out_of_order += 1
                         examples.append({"check": "sequences", "what": "out of order", "user": user,
                                          "room": room, "segment": k})
-                    missing = [i for i in expected if i not in set(got)]
-                    extra = [i for i in got if i not in set(expected)]
+                    missing = [i for i in expected if i not in got_set]
+                    extra = [i for i in got if i not in expected_set]
                     if missing:
                         lost += len(missing)
                         examples.append({"check": "sequences", "what": "missing", "user": user,
@@ -1004,14 +1068,12 @@ class Chaos:
                                          "(or before the segment start)", "user": user, "room": room,
                                          "segment": k, "ids": extra[:5],
                                          "after_fault": injector.last_fault_before(id_ms(extra[0]))})
-                        lost += 0
                         failures.append(f"{user} {room}: {len(extra)} received ids outside the expected range")
                     if not final:
                         # Between this segment's end and the next start: reported by recovered:false.
                         nxt = segs[k + 1]
                         if nxt.start is not None:
-                            st2 = stream_id_tuple(nxt.start)
-                            gap_end = next((j for j, t in enumerate(tuples) if t > st2), len(ids))
+                            gap_end = bisect.bisect_right(tuples, stream_id_tuple(nxt.start))
                             reported_lost += max(0, gap_end - hi)
         # Acked sends are in history; no text twice.
         ack_lost = 0
@@ -1080,12 +1142,14 @@ class Chaos:
             failures.append(f"alerts: {a_dup} deliveries duplicated")
         return {
             "failures": failures,
-            "examples": examples[:40],
+            "examples": [e for e in examples if e["check"] != "info"][:40] + \
+            [e for e in examples if e["check"] == "info"][:20],
             "sessions_checked": sessions,
             "messages": {"sent": self.sent, "acked": len(self.acks), "unacked": len(self.unacked),
                          "in_history": sum(len(v) for v in hist_ids.values()),
                          "received": sum(r.received for r in recs.values()),
                          "lost": lost, "duplicated": duplicated, "reported_lost": reported_lost,
+                         "redelivered_after_recovered_false": redelivered,
                          "acked_not_in_history": ack_lost, "acked_reported_lost": ack_reported,
                          "texts_appended_twice": text_dups, "out_of_order_segments": out_of_order},
             "alerts": {"injected": self.alerts_sent, "acked": len(self.alerts_acked),
@@ -1177,12 +1241,18 @@ class Chaos:
                 histories = {room: await self.full_history(room) for room in self.members}
                 checked = self.check(histories, injector)
                 failures = await self.node_check(infra) + checked.pop("failures")
+                self.note_closes(injector)
                 close_codes: Counter[str] = Counter()
                 for v in self.per_session().values():
                     close_codes.update(v.get("close_codes", {}))
-                if close_codes.get("1011"):
-                    failures.append(f"closes: {close_codes['1011']} WebSocket connections closed 1011 "
-                                    "(unexpected server error; an outage must give unavailable + 1013)")
+                node_1011 = [c for c in self.closes if c["by"] == "node" and (c["rcvd"] or [0])[0] == 1011]
+                if node_1011:
+                    failures.append(f"closes: {len(node_1011)} WebSocket connections closed 1011 by the node "
+                                    "(unexpected server error; an outage must give unavailable + 1013), "
+                                    f"first after fault {(node_1011[0]['after_fault'] or {}).get('kind')}")
+                keepalive = [c for c in self.closes if c["by"] == "client" and (c["sent"] or [0])[0] == 1011]
+                if keepalive:
+                    result["client_keepalive_timeouts"] = len(keepalive)
                 if not settled:
                     failures.append(f"settle: sessions had not caught up after {settle_s} s")
                 result.update({
@@ -1200,6 +1270,7 @@ class Chaos:
                                  "poll_errors": dict(sum((p.errors for p in self.pollers), Counter()))},
                     "send_errors": dict(self.send_errors),
                     "close_codes": dict(close_codes),
+                    "closes": self.closes[:200],
                     "per_session": self.per_session(),
                     **checked,
                 })
@@ -1243,8 +1314,8 @@ def summary(result: dict[str, Any]) -> str:
         f"sessions checked: {result.get('sessions_checked', 0)} {result.get('sessions', {})}",
         f"messages: sent {m.get('sent')}, acked {m.get('acked')}, in history {m.get('in_history')}, "
         f"received {m.get('received')}, lost {m.get('lost')}, duplicated {m.get('duplicated')}, "
-        f"reported lost (recovered:false) {m.get('reported_lost')}, acked not in history "
-        f"{m.get('acked_not_in_history')}",
+        f"reported lost (recovered:false) {m.get('reported_lost')}, redelivered after recovered:false "
+        f"{m.get('redelivered_after_recovered_false')}, acked not in history {m.get('acked_not_in_history')}",
         f"alerts: acked {a.get('acked')}, deliveries {a.get('delivered')}/{a.get('deliveries_expected')}, "
         f"lost {a.get('lost')}, duplicated {a.get('duplicated')}",
         f"node deaths (not injected): {len(result.get('node_deaths', []))}",

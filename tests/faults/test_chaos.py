@@ -21,11 +21,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from loadtest.chaos import SINGLE_KINDS, ChaosConfig, run_chaos, summary
+from loadtest.chaos import (
+    SINGLE_KINDS,
+    Ack,
+    Chaos,
+    ChaosConfig,
+    Injector,
+    PollUser,
+    WsUser,
+    run_chaos,
+    summary,
+)
 from tests.conftest import use_cluster
 from tests.ops.haproxy import haproxy_binary
 
@@ -50,6 +61,48 @@ async def test_short_chaos_soak_loses_nothing_duplicates_nothing_and_no_node_die
     assert result["passed"], report(result)
     assert result["faults"] == dict.fromkeys(SINGLE_KINDS, 2), report(result)
     assert result["messages"]["acked"] >= 100 and result["alerts"]["acked"] >= 10, report(result)
+
+
+def test_the_checks_find_losses_duplicates_and_excuse_only_what_was_reported():
+    """The soak's checks on made-up sessions, so that a soak that passes means something."""
+    chaos = Chaos(ChaosConfig(quiet=True))
+    injector = Injector(chaos.cfg, None, chaos.log, random.Random(0))  # type: ignore[arg-type]
+    ids = [f"{1000 + i}-0" for i in range(1, 11)]
+    history = {"general": [{"id": i, "text": f"text {i}"} for i in ids]}
+
+    def ws(name: str, received: list[str], reset_at: int | None = None, reset_to: str = "") -> WsUser:
+        u = WsUser(name, "ws://unused", chaos.log)
+        u.rec.record({"type": "welcome", "rooms": [{"id": "general", "last_id": "1000-0"}]})
+        for n, i in enumerate(received):
+            if n == reset_at:
+                u.rec.record({"type": "room", "change": "updated", "recovered": False,
+                              "room": {"id": "general", "last_id": reset_to}})
+            u.rec.record({"type": "message", "room": "general", "id": i})
+        return u
+
+    lossy = ws("lossy", [i for i in ids if i != "1005-0"])
+    twice = ws("twice", ids[:3] + ids[2:])
+    told = ws("told", ids[:4] + ids[7:], reset_at=4, reset_to="1007-0")  # 1005..1007 reported lost
+    again = ws("again", ids[:4] + ids[2:], reset_at=4, reset_to="1002-0")  # 1003, 1004 redelivered
+    poller = PollUser("poller", "http://unused", chaos.log)
+    poller._cursors_from({"general": {"epoch": "e", "id": "1000-0"}})
+    for i in ids:
+        poller.rec.record({"type": "message", "room": "general", "id": i})
+    chaos.ws, chaos.pollers = [lossy, twice, told, again], [poller]
+    chaos.members = {"general": [u.user for u in chaos.ws] + ["poller"]}
+    chaos.acks = [Ack("lossy", "general", "gone", "1011-0", 0),
+                  Ack("told", "general", "reported", "1012-0", told.rec.resets["general"][0])]
+    chaos.alerts_acked = [{"id": "al-1", "to": ["lossy", "twice"], "at_ms": 0}]
+    lossy.rec.record({"type": "alert", "id": "al-1"})
+    lossy.rec.record({"type": "alert", "id": "al-1"})
+
+    checked = chaos.check(history, injector)
+    m, a = checked["messages"], checked["alerts"]
+    assert (m["lost"], m["duplicated"], m["reported_lost"], m["redelivered_after_recovered_false"]) == (1, 1, 3, 2), m
+    assert (m["acked_not_in_history"], m["acked_reported_lost"]) == (1, 1), m
+    assert (a["lost"], a["duplicated"], a["delivered"]) == (1, 1, 0), a
+    assert checked["sessions_checked"] == 5
+    assert len(checked["failures"]) == 5, checked["failures"]  # missing, duplicated, ack, alert x2
 
 
 def soak_requested(config: pytest.Config) -> bool:
