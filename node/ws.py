@@ -25,8 +25,8 @@ from websockets.protocol import State
 from . import protocol
 from .auth import Identity, authenticate_hello, refresh_identity
 from .commands import Caller, refused
+from .connection import Action, Close, ConnectionCore, OpenSession, Refresh, Run, Send
 from .errors import (
-    BadRequest,
     ChatError,
     CloseCodes,
     RateLimited,
@@ -38,7 +38,7 @@ from .errors import (
 from .fanout import Flusher, Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
-from .ratelimit import LIMITS, Counts, PenaltyBox, TokenBucket, client_ip
+from .ratelimit import LIMITS, Counts, PenaltyBox, client_ip
 from .session import Subscription
 
 if TYPE_CHECKING:
@@ -70,22 +70,18 @@ ABUSIVE_CLOSES = frozenset({CloseCodes.TOO_LARGE, CloseCodes.PROTOCOL, CloseCode
 
 
 class Connection:
-    """State of one WebSocket connection; owned by :meth:`WsServer.handler`."""
+    """One WebSocket connection: its protocol state (:class:`ConnectionCore`), its session's
+    subscription and the timers and close task it owns; owned by :meth:`WsServer.handler`."""
 
-    __slots__ = ("ws", "id", "sub", "caller", "bucket", "protocol_errors", "rate_strikes",
-                 "close_task", "said_hello", "opened", "ip", "token_timers")
+    __slots__ = ("ws", "id", "sub", "caller", "core", "close_task", "ip", "token_timers")
 
-    def __init__(self, ws: ServerConnection, sink: Sink) -> None:
+    def __init__(self, ws: ServerConnection, sink: Sink, core: ConnectionCore) -> None:
         self.ws = ws
         self.id = "c-" + secrets.token_hex(5)
         self.sub = Subscription(sink)
         self.caller: Caller | None = None
-        self.bucket: TokenBucket | None = None
-        self.protocol_errors = 0
-        self.rate_strikes = 0
+        self.core = core
         self.close_task: asyncio.Task[None] | None = None
-        self.said_hello = False
-        self.opened = time.monotonic()
         self.ip = ""
         self.token_timers: list[asyncio.TimerHandle] = []
 
@@ -233,7 +229,8 @@ class WsServer:
                 log.info("slow consumer cut off", extra={"conn": conn.id})
                 conn.close_soon(CloseCodes.SLOW_CONSUMER, "slow consumer", SLOW_CONSUMER_GRACE_S)
 
-        conn = Connection(ws, Sink(ws, self.flusher, self.settings.outbound_buffer_bytes, overflow))
+        conn = Connection(ws, Sink(ws, self.flusher, self.settings.outbound_buffer_bytes, overflow),
+                          ConnectionCore(self.settings, time.monotonic()))
         conn.ip = self._handshaking.pop(ws, "")
         self._silent[ws] = asyncio.get_running_loop().call_later(
             SILENT_HELLO_GRACE_S, self.hellos.discard, ws)
@@ -293,26 +290,24 @@ class WsServer:
     def _reply(self, conn: Connection, frame: bytes) -> None:
         conn.sub.sink.push_now(protocol.ws_text_frame(frame))
 
-    def _protocol_error(self, conn: Connection, kind: str, ref: Any, exc: ChatError) -> bool:
-        """Reply with the error; returns False once the connection must be closed (4502)."""
-        METRICS.protocol_errors.labels(kind=kind).inc()
-        outcome = refused(ref, exc)
-        conn.protocol_errors += 1
-        if conn.protocol_errors > self.settings.protocol_errors_max:
-            conn.close_soon(CloseCodes.PROTOCOL, "protocol violation")
+    def _act(self, conn: Connection, action: Action) -> bool:
+        """Carry out a Send or a Close of the core; False once the connection is closing."""
+        if isinstance(action, Send):
+            self._reply(conn, action.payload)
+            return True
+        if isinstance(action, Close):
+            conn.close_soon(action.code, action.reason)
             return False
-        self._reply(conn, outcome.encode())
-        return True
+        raise AssertionError(f"not an action for the glue: {action!r}")
 
     async def _hello(self, conn: Connection) -> bool:
         """Wait for a valid hello and open the session. False if the connection was closed."""
-        ws = conn.ws
-        deadline = time.monotonic() + self.settings.hello_timeout_s
+        ws, core = conn.ws, conn.core
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                METRICS.hello_rejected.labels(reason="timeout").inc()
-                await ws.close(CloseCodes.NO_HELLO, "no hello in time")
+            remaining = core.hello_deadline - time.monotonic()
+            overdue = core.hello_overdue(time.monotonic())
+            if overdue is not None:
+                await ws.close(overdue.code, overdue.reason)
                 return False
             try:
                 raw = await asyncio.wait_for(ws.recv(), remaining)
@@ -320,50 +315,46 @@ class WsServer:
                 continue
             if (silent := self._silent.pop(ws, None)) is not None:
                 silent.cancel()  # the client spoke: it counts until its welcome
-            if isinstance(raw, bytes):
-                if not self._protocol_error(conn, "binary", None, BadRequest("binary frames are not supported")):
+            action = core.receive(raw, time.monotonic())
+            if not isinstance(action, OpenSession):
+                if not self._act(conn, action):
                     return False
                 continue
-            try:
-                frame = protocol.parse_frame(raw, self.settings.max_json_depth)
-            except ChatError as exc:
-                if not self._protocol_error(conn, "malformed", protocol.loose_ref(raw), exc):
-                    return False
-                continue
-            ref = protocol.ref_of(frame)
-            if frame["type"] != "hello":
-                if not self._protocol_error(conn, "before_hello", ref, Unauthorized("send hello first")):
-                    return False
-                continue
-            try:
-                identity = authenticate_hello(self.settings, frame)
-            except Unauthorized as exc:
-                METRICS.hello_rejected.labels(reason="auth").inc()
-                log.info("hello refused", extra={"conn": conn.id, "reason": exc.message})
-                await ws.close(CloseCodes.UNAUTHORIZED, exc.message[:100])
+            if await self._open(conn, action):
+                core.opened()
+                return True
+            core.hello_failed()
+            return False
+
+    async def _open(self, conn: Connection, hello: OpenSession) -> bool:
+        """Authenticate a hello and open its session; False if it was refused (and closed)."""
+        try:
+            identity = authenticate_hello(self.settings, hello.frame)
+        except Unauthorized as exc:
+            METRICS.hello_rejected.labels(reason="auth").inc()
+            log.info("hello refused", extra={"conn": conn.id, "reason": exc.message})
+            await conn.ws.close(close_code_of(exc), exc.message[:100])
+            return False
+        try:
+            if not await self._user_has_room(conn, identity, hello.ref):
                 return False
-            try:
-                if not await self._user_has_room(conn, identity, ref):
-                    return False
-                conn.caller = Caller(identity, conn.id, "ws", conn.sub)
-                conn.sub.sink.owner = identity.user
-                conn.sub.sink.session = conn.id
-                conn.bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst)
-                await self.online.started(identity.user, identity.name, conn.id, True)
-                await self.sessions.open_ws(identity, frame, conn.sub, conn.id)
-            except Exception as exc:
-                # Redis refusing service (down, restarting, out of memory) gives `unavailable`
-                # and 1013: the client retries with backoff. Anything else: 1011, no details.
-                METRICS.hello_rejected.labels(reason="unavailable" if isinstance(exc, Unavailable) else "error").inc()
-                self.errors.error("hello", exc)
-                self._reply(conn, protocol.reply_error(ref, error_body(exc)))
-                conn.close_soon(close_code_of(exc), error_body(exc)["code"])
-                return False
-            conn.said_hello = True
-            self.hellos.discard(ws)  # welcomed: no longer in the admission count
-            self._schedule_token_timers(conn, identity)
-            log.info("session opened", extra={"conn": conn.id, "user": identity.user})
-            return True
+            conn.caller = Caller(identity, conn.id, "ws", conn.sub)
+            conn.sub.sink.owner = identity.user
+            conn.sub.sink.session = conn.id
+            await self.online.started(identity.user, identity.name, conn.id, True)
+            await self.sessions.open_ws(identity, hello.frame, conn.sub, conn.id)
+        except Exception as exc:
+            # Redis refusing service (down, restarting, out of memory) gives `unavailable`
+            # and 1013: the client retries with backoff. Anything else: 1011, no details.
+            METRICS.hello_rejected.labels(reason="unavailable" if isinstance(exc, Unavailable) else "error").inc()
+            self.errors.error("hello", exc)
+            self._reply(conn, protocol.reply_error(hello.ref, error_body(exc)))
+            conn.close_soon(close_code_of(exc), error_body(exc)["code"])
+            return False
+        self.hellos.discard(conn.ws)  # welcomed: no longer in the admission count
+        self._schedule_token_timers(conn, identity)
+        log.info("session opened", extra={"conn": conn.id, "user": identity.user})
+        return True
 
     async def _user_has_room(self, conn: Connection, identity: Identity, ref: Any) -> bool:
         """CHAT_MAX_CONNECTIONS_PER_USER, cluster-wide: the user's live WebSocket sessions on
@@ -376,35 +367,27 @@ class WsServer:
         count = await self.presence.live_ws_sessions(identity.user)
         if count < limit:
             return True
-        METRICS.rate_limited.labels(limit="connections_per_user").inc()
         log.info("hello refused: too many sessions", extra={"conn": conn.id, "user": identity.user})
-        self._reply(conn, protocol.reply_error(ref, error_body(
-            RateLimited(f"at most {limit} connections per user"))))
-        conn.close_soon(CloseCodes.RATE_LIMITED, "too many connections for this user")
+        exc = RateLimited(f"at most {limit} connections per user", limit="connections_per_user")
+        self._reply(conn, refused(ref, exc).encode())
+        conn.close_soon(close_code_of(exc), "too many connections for this user")
         return False
 
     # -- token expiry and refresh -----------------------------------------------------------
     def _schedule_token_timers(self, conn: Connection, identity: Identity) -> None:
-        """``token_expiring`` shortly before the token expires, close 4500 once it has expired
-        (``exp`` + leeway) and the refresh window has passed without a ``refresh``."""
         conn.cancel_token_timers()
-        if identity.expires_at is None:
-            return
-        s = self.settings
-        loop = asyncio.get_running_loop()
         now = time.time()
-        expires = identity.expires_at + s.jwt_leeway_s
-        deadline = expires + s.token_refresh_window_s
-        notice_at = max(now, expires - s.token_notice_s)
-        event = protocol.dumps({"type": "token_expiring", "expires_at": int(identity.expires_at),
-                                "close_at": int(deadline)})
+        times = conn.core.token_times(identity.expires_at, now)
+        if times is None:
+            return
+        loop = asyncio.get_running_loop()
         conn.token_timers.append(loop.call_later(
-            notice_at - now, lambda: conn.sub.sink.push_now(protocol.ws_text_frame(event))))
-        conn.token_timers.append(loop.call_later(max(0.0, deadline - now), self._token_expired, conn))
+            times.notice_at - now, lambda: conn.sub.sink.push_now(protocol.ws_text_frame(times.notice))))
+        conn.token_timers.append(loop.call_later(max(0.0, times.close_at - now), self._token_expired, conn))
 
     def _token_expired(self, conn: Connection) -> None:
         log.info("token expired without refresh", extra={"conn": conn.id})
-        conn.close_soon(CloseCodes.UNAUTHORIZED, "token expired")
+        self._act(conn, conn.core.token_expired())
 
     def _refresh(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         assert conn.caller is not None
@@ -414,39 +397,23 @@ class WsServer:
         return {"expires_at": int(identity.expires_at or 0)}
 
     async def _serve(self, conn: Connection) -> None:
-        assert conn.caller is not None and conn.bucket is not None
+        assert conn.caller is not None
+        core = conn.core
         async for raw in conn.ws:
             if conn.close_task is not None:
                 break
-            if isinstance(raw, bytes):
-                if not self._protocol_error(conn, "binary", None, BadRequest("binary frames are not supported")):
-                    break
-                continue
-            try:
-                frame = protocol.parse_frame(raw, self.settings.max_json_depth)
-            except ChatError as exc:
-                if not self._protocol_error(conn, "malformed", protocol.loose_ref(raw), exc):
-                    break
-                continue
-            ref = protocol.ref_of(frame)
-            if not conn.bucket.take(time.monotonic()):
-                METRICS.rate_limited.labels(limit="commands").inc()
-                conn.rate_strikes += 1
-                if conn.rate_strikes > self.settings.rate_strikes_max:
-                    conn.close_soon(CloseCodes.RATE_LIMITED, "rate limit exceeded")
-                    break
-                self._reply(conn, protocol.reply_error(ref, error_body(RateLimited("slow down"))))
-                continue
-            if frame["type"] == "refresh":  # the WebSocket's own frame: renew the token
+            action = core.receive(raw, time.monotonic())
+            if isinstance(action, Run):
+                outcome = await self.commands.execute(conn.caller, action.frame)
+                if not (action.frame["type"] == "typing" and action.ref is None and outcome.ok):
+                    self._reply(conn, outcome.encode())  # typing needs no reply unless asked
+            elif isinstance(action, Refresh):  # the WebSocket's own frame: renew the token
                 try:
-                    self._reply(conn, protocol.reply_ok(ref, self._refresh(conn, frame)))
+                    self._reply(conn, protocol.reply_ok(action.ref, self._refresh(conn, action.frame)))
                 except ChatError as exc:
-                    self._reply(conn, refused(ref, exc).encode())
-                continue
-            outcome = await self.commands.execute(conn.caller, frame)
-            if frame["type"] == "typing" and ref is None and outcome.ok:
-                continue  # typing needs no reply unless the client asked for one
-            self._reply(conn, outcome.encode())
+                    self._reply(conn, refused(action.ref, exc).encode())
+            elif not self._act(conn, action):
+                break
 
 
 def _code_label(code: int) -> str:
