@@ -31,6 +31,7 @@ from .test_reconnect_storm import Storm
 
 N_CLIENTS = 200
 WINDOW_S = 0.25  # the clients' first reconnects are uniform in [0, 0.25 s): hellos queue
+BACKOFF_MAX_S = 3.0  # a refused client retries after max(Retry-After, full jitter up to this)
 BOUND = 8  # CHAT_MAX_HELLOS_IN_PROGRESS of the surviving node
 ADMISSION = {"CHAT_MAX_HELLOS_IN_PROGRESS": BOUND, "CHAT_ADMISSION_MAX_LAG_MS": 500,
              "CHAT_ADMISSION_RETRY_AFTER_S": 2}
@@ -67,7 +68,7 @@ async def storm(parallel_nodes: Any, clients: Any, admission: dict[str, Any]) ->
     base = {"CHAT_MAX_CONNECTIONS_PER_IP": 0}
     (a,), (b,) = await asyncio.gather(parallel_nodes.start(1, **base, **UNBOUNDED),
                                       parallel_nodes.start(1, **base, **admission))
-    storm = Storm(N_CLIENTS, window=WINDOW_S)
+    storm = Storm(N_CLIENTS, window=WINDOW_S, backoff_max=BACKOFF_MAX_S)
     loop = asyncio.get_running_loop()
     await storm.connect_all("127.0.0.1", int(a.proc.info["ws_port"]))
     storm.target = ("127.0.0.1", int(b.proc.info["ws_port"]))

@@ -90,7 +90,7 @@ class Session:
         # Full jitter; a refused handshake's Retry-After (already jittered by the node) is a floor.
         delay = max(self.retry_after, random.uniform(0, self.backoff))
         self.retry_after = 0.0
-        self.backoff = min(self.backoff * 2, 8.0)
+        self.backoff = min(self.backoff * 2, self.storm.backoff_max)
         self.storm.loop.call_later(delay, self.storm.connect, self)
 
 
@@ -162,9 +162,10 @@ class Proto(asyncio.Protocol):
 
 
 class Storm:
-    def __init__(self, n: int, window: float = WINDOW_S) -> None:
+    def __init__(self, n: int, window: float = WINDOW_S, backoff_max: float = 8.0) -> None:
         self.loop = asyncio.get_running_loop()
         self.window = window  # full-jitter window of each client's first reconnect
+        self.backoff_max = backoff_max  # the window doubles after each failed attempt, up to this
         self.sessions = [Session(self, f"s{i}") for i in range(n)]
         self.target = ("127.0.0.1", 0)
         self.stopping = False
