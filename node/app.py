@@ -222,4 +222,5 @@ class Node:
                 for task in tasks:
                     task.cancel()
         await self.recovery.aclose()
+        await self.streams.aclose()
         await self.redis.aclose()

@@ -146,5 +146,13 @@ def unavailable_on_redis_errors(op: str = "command") -> Iterator[None]:
     except rexc.RedisError as exc:
         errors.inc()
         raise Internal("internal error") from exc
+    except AttributeError as exc:
+        # redis-py's cluster client (8.x) can fail a command during a failover with
+        # "'NoneType' object has no attribute 'writelines'" (a connection it dropped meanwhile):
+        # Redis is in transition, not our bug. Anything else is a bug and stays one.
+        if "'NoneType' object has no attribute" not in str(exc):
+            raise
+        errors.inc()
+        raise Unavailable("Redis is failing over, retry shortly") from exc
     finally:
         latency.observe(time.perf_counter() - start)

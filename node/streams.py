@@ -118,6 +118,11 @@ class RoomStreams:
         self._durable = DurableAppend(redis, self._append, wait_replicas) if wait_replicas > 0 else None
         self._ensure = redis.register_script(ENSURE_ROOM_LUA)
 
+    async def aclose(self) -> None:
+        """At shutdown: the per-master clients of CHAT_REDIS_WAIT_REPLICAS."""
+        if self._durable is not None:
+            await self._durable.aclose()
+
     async def ensure_room(self, room: str, kind: str, name: str, owner: str = "", created_ms: int = 0) -> str:
         """Create the room's metadata (and epoch) if missing; returns the epoch in force."""
         with unavailable_on_redis_errors("ensure_room"):
