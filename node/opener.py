@@ -116,13 +116,15 @@ class SessionOpener:
         # rooms get `recovered: false` (reload with history) instead of a replay that would
         # overflow the buffer and cut the client off as slow, again at every reconnect.
         budget = settings.outbound_buffer_bytes // 2
-        for room, (cursor_epoch, cursor_id) in parse_cursors(raw_cursors).items():
-            meta = metas.get(room)
-            if meta is None:
-                continue  # not a room of this user: no replay, and no hint that it exists
+        # Cursors of rooms that are not the user's get no replay, and no hint that they exist.
+        cursors = {room: c for room, c in parse_cursors(raw_cursors).items() if room in metas}
+        ranges = await self.streams.replay_ranges(
+            {room: (cursor_id, positions[room]) for room, (cursor_epoch, cursor_id) in cursors.items()
+             if cursor_epoch == metas[room].epoch}, settings.replay_limit)
+        for room, (cursor_epoch, cursor_id) in cursors.items():
+            meta = metas[room]
             upto = positions[room]
-            entries = await self.streams.replay_range(room, cursor_id, upto, settings.replay_limit) \
-                if cursor_epoch == meta.epoch else []
+            entries = ranges.get(room, [])
             plan = plan_replay(cursor_epoch, meta.epoch, cursor_id, upto, entries, settings.replay_limit)
             encoded = [dumps(message_event(room, sid.decode(), fields)) for sid, fields in plan.entries]
             size = sum(len(e) for e in encoded)

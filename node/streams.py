@@ -224,6 +224,18 @@ class RoomStreams:
         with unavailable_on_redis_errors("replay"):
             return await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
 
+    async def replay_ranges(self, ranges: dict[str, tuple[str, str]],
+                            limit: int) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """:meth:`replay_range` of many rooms (room -> (cursor, upto)) in one pipeline."""
+        if not ranges:
+            return {}
+        with unavailable_on_redis_errors("replay"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room, (cursor, upto) in ranges.items():
+                pipe.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
+            results = await pipe.execute()
+        return dict(zip(ranges, results, strict=True))
+
     async def seqs_at(self, positions: dict[str, str]) -> dict[str, int]:
         """The ``seq`` of the entry at each room's position (one pipelined XRANGE each), so that
         a room's ``seq`` and ``last_id`` describe the same message. Rooms whose entry is gone
