@@ -152,19 +152,20 @@ async def test_heartbeat_refreshes_every_session_in_few_scripts(redis_client):
     forward (never backward: ZADD GT), and the number of round trips is that of the batches."""
     from node.keys import Keys
     from node.presence import HEARTBEAT_BATCH, Presence
+    from node.protocol import now_ms
 
     keys = Keys(16)
     presence = Presence(redis_client, keys, ttl_s=30)
     sessions = [(f"hb-user{i}", f"sess-{i}") for i in range(1000)]
     for user, session in sessions:
         await presence.start(user, user, session)
-    far = presence.now_ms() + 3_600_000
+    far = now_ms() + 3_600_000
     await redis_client.zadd(keys.online_index(keys.user_shard("hb-user0")), {"hb-user0": far})
     # Sessions that ended after the node took its snapshot: the heartbeat must not revive them.
     ended = sessions[1::97]
     for user, session in ended:
         await presence.end(user, session)
-    before = presence.now_ms()
+    before = now_ms()
     missing = await presence.heartbeat(sessions, ttl_ms=600_000)
     assert sorted(missing) == sorted(ended)
     per_shard: dict[int, int] = {}
