@@ -296,8 +296,11 @@ class Infra:
                 if isinstance(line, dict):
                     bad = line.get("level") in ("error", "critical") or "exc" in line
                     exc = str(line.get("exc", "")).strip().splitlines()
+                    # Our frames (where it was raised from) and the exception itself.
+                    frames = [x.strip().replace('File "', "").replace('", line ', ":")
+                              for x in exc if "/node/" in x and "File" in x][-4:]
                     text = f"{line.get('node')} {line.get('level')} {line.get('msg')}" + \
-                        (f" | {' / '.join(x.strip() for x in exc[-3:])}" if exc else "")
+                        (f" | {' < '.join(reversed(frames))} | {exc[-1].strip()}" if exc else "")
                 else:
                     bad = "Traceback" in raw or "Error" in raw
                     text = raw
@@ -314,6 +317,7 @@ class Injector:
         self.faults: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.t0_ms = now_ms()
+        self.last_killed = ""
 
     def last_fault_before(self, at_ms: int) -> dict[str, Any] | None:
         before = [f for f in self.faults if f["at_ms"] <= at_ms]
@@ -373,7 +377,9 @@ class Injector:
 
     async def _node_kill(self) -> str:
         infra = self.infra
-        name = self.rng.choice(SLOTS)
+        # Never the one killed last time, so that every slot (and its clients) gets its turn.
+        name = self.rng.choice([n for n in SLOTS if n != self.last_killed])
+        self.last_killed = name
         slot = infra.slots[name]
         infra.replacing.add(name)
         try:
