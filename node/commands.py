@@ -28,6 +28,7 @@ from .protocol import (
     ref_of,
 )
 from .ratelimit import KeyedBuckets
+from .streams import NotMember
 from .unread import unread_count
 
 if TYPE_CHECKING:
@@ -212,8 +213,19 @@ class Commands:
         cmid = frame.get("cmid")
         if cmid is not None and not CMID_RE.match(cmid):
             raise BadRequest("cmid must match ^[A-Za-z0-9_.:-]{1,64}$")
-        await self.rooms.require_reader(caller.user, room)
-        appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid)
+        live = caller.live
+        if live is not None and room in live.topics:
+            # A room of this live session (kept exact by the membership events it gets): one
+            # round trip, the append, whose script re-checks the membership atomically.
+            try:
+                appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid,
+                                                    check_member=True)
+            except NotMember:
+                await self.rooms.require_reader(caller.user, room)  # the precise refusal
+                raise
+        else:
+            await self.rooms.require_reader(caller.user, room)
+            appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid)
         return {"id": appended.id, "seq": appended.seq, "ts": appended.ts,
                 **({"duplicate": True} if appended.duplicate else {}),
                 **({} if appended.durable is None else {"durable": appended.durable})}

@@ -92,10 +92,11 @@ class Rooms:
         self._capped_add = redis.register_script(CAPPED_ADD_LUA)
 
     async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
-                      kind: str = "") -> Appended:
+                      kind: str = "", check_member: bool = False) -> Appended:
         """Append a message to a room's stream (see :meth:`RoomStreams.append`)."""
+        check = check_member and room != GENERAL  # everyone is a member of general
         try:
-            appended = await self.streams.append(room, user, name, text, cmid, kind)
+            appended = await self.streams.append(room, user, name, text, cmid, kind, check)
         except NotFound:
             if room != GENERAL:
                 raise

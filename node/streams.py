@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .durable import DurableAppend
-from .errors import NotFound
+from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
 from .protocol import stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
 
-# KEYS: stream, meta, cmid-key.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
-# max_age_ms (0 = off), '1' if the cmid is the client's ('' if the node made it up).
+# KEYS: stream, meta, cmid-key, members.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
+# max_age_ms (0 = off), '1' if the cmid is the client's ('' if the node made it up), '1' if the
+# author must be a member (checked here, atomically, when the node trusted its own cache).
 # Age trimming is relative to the new entry's id (Redis's clock, like the
 # ids), so a node's clock never decides what is old. XADD takes one trim strategy, hence XTRIM.
 # Every append carries a dedupe key: the client's cmid, or one the node made up, so that a
@@ -32,6 +33,7 @@ if prev then
   return {0, prev}
 end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {-1, ''} end
+if ARGV[10] == '1' and redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 0 then return {-2, ''} end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local fields = {'f', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 's', seq}
 if ARGV[9] == '1' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
@@ -55,6 +57,10 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'kind', ARGV[2], 'name', ARGV[3],
            'owner', ARGV[4], 'created', ARGV[5], 'seq', 0, 'last_id', '0-0')
 return ARGV[1]
 """
+
+class NotMember(Forbidden):
+    """The append script found the author not a member (the node's view was stale)."""
+
 
 # How long a node-made dedupe key lives: longer than any retry of the command that wrote it.
 RETRY_DEDUPE_TTL_S = 60
@@ -157,20 +163,24 @@ class RoomStreams:
                         int(seq or 0), StreamId(last_id or "0-0"))
 
     async def append(self, room: str, user: str, name: str, text: str, cmid: str | None,
-                     kind: str = "") -> Appended:
+                     kind: str = "", check_member: bool = False) -> Appended:
         """Append one message; a repeated ``cmid`` returns the first result and appends nothing.
 
         Without a client ``cmid`` the node makes one up (kept briefly, never shown to clients):
         the pool retries a command whose connection broke, and the retry must not append twice.
+        With ``check_member`` the script refuses (:class:`NotMember`) an author who is not a
+        member of the room: the node may then skip its own membership round trip.
         """
         own = cmid or "~" + secrets.token_hex(8)
         keys = [
             self.keys.room_stream(room),
             self.keys.room_meta(room),
             self.keys.room_cmid(room, user, own),
+            self.keys.room_members(room),
         ]
         args = [self.maxlen, user, name, text, own, kind,
-                self.cmid_ttl_s if cmid else RETRY_DEDUPE_TTL_S, self.max_age_ms, "1" if cmid else ""]
+                self.cmid_ttl_s if cmid else RETRY_DEDUPE_TTL_S, self.max_age_ms, "1" if cmid else "",
+                "1" if check_member else ""]
         durable: bool | None = None
         with unavailable_on_redis_errors("append"):
             if self._durable is None:
@@ -179,6 +189,8 @@ class RoomStreams:
                 (status, payload), durable = await self._durable(keys, args)
         if int(status) == -1:
             raise NotFound("no such room")
+        if int(status) == -2:
+            raise NotMember("not a member of the room")
         sid, _, seq = as_str(payload).partition(" ")
         return Appended(StreamId(sid), int(seq), duplicate=int(status) == 0, durable=durable)
 
