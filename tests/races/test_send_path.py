@@ -7,7 +7,7 @@ from tests.integration.wire import hello, next_of, next_reply, raw_connect, send
 
 from node.metrics import METRICS
 
-from .conftest import command, ws_url
+from .conftest import command, until, ws_url
 
 
 def calls(op: str) -> float:
@@ -21,6 +21,8 @@ async def test_a_send_from_a_live_session_is_one_redis_call(inproc, redis_client
     room = (await command(node, "ana", {"type": "create_room", "name": "s", "visibility": "closed"}))["room"]["id"]
     ws = await raw_connect(ws_url(node))
     await hello(ws, "ana")
+    # Readers check their rooms' epochs when they connect (room_meta): let them settle first.
+    await until(lambda: all(r.healthy for r in node.fanout.readers.values() if r.topics))
     ops = ("append", "room_meta", "is_member")
     before = {op: calls(op) for op in ops}
     for i in range(10):
