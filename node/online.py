@@ -17,7 +17,7 @@ from .keys import Keys, UserId
 from .metrics import METRICS
 from .pauses import PausePoints
 from .presence import Presence
-from .redisio import unavailable_on_redis_errors
+from .redisio import concurrently, unavailable_on_redis_errors
 from .rooms import Rooms
 from .summaries import RoomSummaries
 from .supervise import Jobs
@@ -47,9 +47,12 @@ class Online:
         reached Redis before the start did)."""
         if ws:
             self.local[session] = (user, name)
-        with unavailable_on_redis_errors("session"):
-            await self.redis.pfadd(self.keys.general_members(), user)
-        first = await self.presence.start(user, name, session, ttl_ms)
+        async def count_member() -> None:
+            with unavailable_on_redis_errors("session"):
+                await self.redis.pfadd(self.keys.general_members(), user)
+
+        # Two slots (the general room's counter, the user's presence): concurrently.
+        _, first = await concurrently(count_member(), self.presence.start(user, name, session, ttl_ms))
         await self.pauses.point("presence.started")
         if ws and session not in self.local:
             await self.presence.end(user, session)

@@ -27,6 +27,7 @@ from .metrics import METRICS
 from .pauses import PausePoints
 from .personal import PersonalStreams, personal_payload
 from .protocol import dumps, message_event, now_ms, parse_cursor, stream_id_tuple
+from .redisio import concurrently
 from .resume import plan_replay
 from .rooms import Rooms
 from .streams import RoomMeta, RoomStreams
@@ -118,9 +119,14 @@ class SessionOpener:
         budget = settings.outbound_buffer_bytes // 2
         # Cursors of rooms that are not the user's get no replay, and no hint that they exist.
         cursors = {room: c for room, c in parse_cursors(raw_cursors).items() if room in metas}
-        ranges = await self.streams.replay_ranges(
-            {room: (cursor_id, positions[room]) for room, (cursor_epoch, cursor_id) in cursors.items()
-             if cursor_epoch == metas[room].epoch}, settings.replay_limit)
+        # The replays, the summaries and the personal replay are independent: read concurrently.
+        seqs = {room: seq for room, (_, seq) in joined.items() if seq >= 0}
+        ranges, summaries, (personal, personal_ok) = await concurrently(
+            self.streams.replay_ranges(
+                {room: (cursor_id, positions[room]) for room, (cursor_epoch, cursor_id) in cursors.items()
+                 if cursor_epoch == metas[room].epoch}, settings.replay_limit),
+            self.summaries.summaries(user, metas, positions, seqs),
+            self._personal_replay(user, raw_personal, epoch, pdel, p0))
         for room, (cursor_epoch, cursor_id) in cursors.items():
             meta = metas[room]
             upto = positions[room]
@@ -136,11 +142,6 @@ class SessionOpener:
                 messages.extend(encoded)
                 METRICS.replay_messages.observe(len(encoded))
 
-        # seq as of the position live delivery starts from (known from the topic when it has
-        # delivered since it was created; else read at that entry).
-        seqs = {room: seq for room, (_, seq) in joined.items() if seq >= 0}
-        summaries = await self.summaries.summaries(user, metas, positions, seqs)
-        personal, personal_ok = await self._personal_replay(user, raw_personal, epoch, pdel, p0)
         welcome = {
             "type": "welcome",
             "user": {"id": user, "name": identity.name},

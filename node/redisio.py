@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -45,6 +46,17 @@ UNAVAILABLE_REPLIES = ("OOM", "MISCONF", "READONLY", "BUSY", "LOADING", "MASTERD
 def as_str(value: Any) -> str:
     """A Redis reply value (bytes, or a number) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def concurrently(*aws: Any) -> list[Any]:
+    """Await independent Redis reads together (one round trip of latency) and return their
+    results in order. All of them finish before the first error, if any, is raised: nothing is
+    left running, and no failure goes unretrieved."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def is_cluster_url(url: str) -> bool:

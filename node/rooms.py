@@ -16,7 +16,7 @@ from .keys import GENERAL, Keys, RoomId, UserId
 from .metrics import METRICS
 from .pauses import PausePoints
 from .protocol import USER_ID_RE, check_room_id
-from .redisio import unavailable_on_redis_errors
+from .redisio import concurrently, unavailable_on_redis_errors
 from .streams import Appended, RoomMeta, RoomStreams
 
 KINDS = ("general", "open", "closed", "direct")
@@ -279,17 +279,22 @@ class Rooms:
             return {}
         others = [room for room in rooms if room != GENERAL]
         out: dict[str, int] = {}
+
+        async def general() -> None:
+            # PFCOUNT outside the pipeline: the cluster client refuses it in one (it may name
+            # several keys); the general room's HyperLogLog is one key in one slot.
+            out[GENERAL] = int(await self.redis.pfcount(self.keys.general_members()))
+
+        async def created() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for room in others:
+                pipe.scard(self.keys.room_members(room))
+            for room, n in zip(others, await pipe.execute(), strict=True):
+                out[room] = int(n)
+
         with unavailable_on_redis_errors("members"):
-            if GENERAL in rooms:
-                # PFCOUNT outside the pipeline: the cluster client refuses it in one (it may
-                # name several keys); the general room's HyperLogLog is one key in one slot.
-                out[GENERAL] = int(await self.redis.pfcount(self.keys.general_members()))
-            if others:
-                pipe = self.redis.pipeline(transaction=False)
-                for room in others:
-                    pipe.scard(self.keys.room_members(room))
-                for room, n in zip(others, await pipe.execute(), strict=True):
-                    out[room] = int(n)
+            # Concurrently: one round trip of latency, not two.
+            await concurrently(*([general()] if GENERAL in rooms else []), *([created()] if others else []))
         return {room: out[room] for room in rooms}
 
     async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Any
 from .durable import DurableAppend
 from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
-from .protocol import stream_id_tuple
+from .protocol import MAX_STREAM_PART, stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
 
 # KEYS: stream, meta, cmid-key, members.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
@@ -215,6 +215,12 @@ class RoomStreams:
         ``before``/``after`` are exclusive. Without either, the newest ``limit`` messages.
         """
         key = self.keys.room_stream(room)
+        # Nothing is before the first possible id or after the last: Redis refuses those
+        # exclusive bounds ("invalid ID for the interval"), the answer is an empty page.
+        if before is not None and stream_id_tuple(before) == (0, 0):
+            return [], False
+        if after is not None and stream_id_tuple(after) == (MAX_STREAM_PART, MAX_STREAM_PART):
+            return [], False
         with unavailable_on_redis_errors("history"):
             if after is not None:
                 entries = await self.redis.xrange(key, "(" + after, "+", count=limit + 1)

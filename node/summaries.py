@@ -17,7 +17,7 @@ from .config import Settings
 from .keys import GENERAL, Keys, UserId
 from .presence import Presence
 from .protocol import dumps, ws_text_frame
-from .redisio import unavailable_on_redis_errors
+from .redisio import concurrently, unavailable_on_redis_errors
 from .rooms import Rooms
 from .streams import RoomMeta, RoomStreams, room_summary
 from .unread import unread_count
@@ -97,16 +97,25 @@ class RoomSummaries:
         rooms = list(metas)
         if not rooms:
             return []
-        with unavailable_on_redis_errors("summaries"):
-            reads = await self.redis.hmget(self.keys.user_reads(user), rooms)
-        members = await self.rooms.member_counts(rooms)
-        online = await asyncio.gather(*(self.online_count(room, members[room]) for room in rooms))
         # seq as of the position live delivery starts from, not as of the metadata read a moment
         # earlier: clients count unread and check continuity from it.
         seqs = dict(known_seqs or {})
         unknown = {r: p for r, p in (positions or {}).items() if r not in seqs}
-        if unknown:
-            seqs.update(await self.streams.seqs_at(unknown))
+
+        async def read_markers() -> list[Any]:
+            with unavailable_on_redis_errors("summaries"):
+                return list(await self.redis.hmget(self.keys.user_reads(user), rooms))
+
+        async def counts() -> tuple[dict[str, int], list[int]]:
+            members = await self.rooms.member_counts(rooms)
+            return members, list(await asyncio.gather(*(self.online_count(r, members[r]) for r in rooms)))
+
+        async def seqs_at() -> dict[str, int]:
+            return await self.streams.seqs_at(unknown) if unknown else {}
+
+        # Independent reads, concurrently: one round trip of latency (two for uncached counts).
+        reads, (members, online), found = await concurrently(read_markers(), counts(), seqs_at())
+        seqs.update(found)
         out = []
         for i, room in enumerate(rooms):
             meta = metas[room]

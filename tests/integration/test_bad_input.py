@@ -207,3 +207,12 @@ async def test_rate_limit_replies_then_closes_4003(start_nodes):
         assert_error(reply, "rate_limited", ref)
     assert await close_code(ws) == 4003  # the third strike
     await assert_node_serves(a.ws_url)
+
+
+async def test_history_at_the_ends_of_the_id_space_is_an_empty_page(start_nodes, clients):
+    (a,) = start_nodes(1)
+    alice = await clients(a.ws_url, user="alice")
+    await alice.send("general", "one")
+    for bound in ({"before": "0-0"}, {"after": "18446744073709551615-18446744073709551615"}):
+        page = await alice.request("history", room="general", **bound)
+        assert page == {"messages": [], "more": False}, bound
