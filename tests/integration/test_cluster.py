@@ -15,8 +15,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from node.client import ChatClient
 from node.keys import Keys
+
+from .wire import receive_until
 
 pytestmark = pytest.mark.cluster_only
 
@@ -57,26 +58,8 @@ async def test_master_killed_and_replica_promoted_loses_nothing_silently(start_n
     await asyncio.wait_for(task, 60)
     assert master_port_of(next(p for p in cluster.ports if p != victim_port), Keys(16).room_stream("general")) != victim_port
 
-    async def received(client: ChatClient) -> tuple[list[str], bool]:
-        ids: list[str] = []
-        reported = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while acked[-1] not in ids and loop.time() < deadline:
-            try:
-                event = await client.next_event(timeout=max(0.1, deadline - loop.time()))
-            except TimeoutError:
-                break
-            if event["type"] == "message" and event["room"] == "general":
-                ids.append(event["id"])
-            elif event["type"] == "room" and event.get("recovered") is False:
-                reported = True
-            elif event["type"] == "welcome" and event.get("recovered", {}).get("general") is False:
-                reported = True
-        return ids, reported
-
     for client in receivers:
-        ids, reported = await received(client)
+        ids, reported = await receive_until(client, "general", acked[-1])
         assert len(ids) == len(set(ids)), "a message arrived twice"
         assert ids == sorted(ids, key=lambda s: tuple(map(int, s.split("-")))), "out of order"
         missing = [i for i in acked if i not in ids]

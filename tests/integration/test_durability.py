@@ -24,7 +24,7 @@ from node.client import ChatClient, ChatClientError
 from node.embedded import Proc, start_redis
 from node.keys import Keys
 
-from .wire import metric
+from .wire import metric, receive_until
 
 GENERAL_STREAM = Keys(16).room_stream("general")
 SHORT = "chatcluster_wait_replicas_short_total"
@@ -205,21 +205,8 @@ async def burst_and_kill(start_nodes, clients, redis_server, wait: int) -> dict[
     finally:
         await client.aclose()
     # What the watcher was told: every message once, or recovered: false for the room.
-    seen: list[str] = []
-    reported = False
-    deadline = time.monotonic() + 15
     last = after[-1]["id"] if after else before[-1]["id"]
-    while last not in seen and time.monotonic() < deadline:
-        try:
-            event = await receiver.next_event(timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            break
-        if event["type"] == "message" and event["room"] == "general":
-            seen.append(event["id"])
-        elif event["type"] == "room" and event.get("recovered") is False:
-            reported = True
-        elif event["type"] == "welcome" and event.get("recovered", {}).get("general") is False:
-            reported = True
+    seen, reported = await receive_until(receiver, "general", last, 15)
     acked = before + after
     return {"before": before, "after": after, "stored": stored, "new_master": new_master,
             "victim": victim_port, "reported": reported, "seen": seen,

@@ -200,3 +200,25 @@ def read_until_close(sock: socket.socket, timeout: float = 10.0) -> tuple[int | 
             return (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005), frames
         if opcode == 0x1:
             frames += 1
+
+
+async def receive_until(client: ChatClient, room: str, last_id: str, within: float = 20.0) -> tuple[list[str], bool]:
+    """The ids of ``room``'s messages a client gets until ``last_id`` arrives (or ``within``
+    seconds pass), and whether it was told that some were lost (``recovered: false`` in a
+    ``room`` event or a welcome)."""
+    ids: list[str] = []
+    reported = False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while last_id not in ids and loop.time() < deadline:
+        try:
+            event = await client.next_event(timeout=max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            break
+        if event["type"] == "message" and event["room"] == room:
+            ids.append(event["id"])
+        elif event["type"] == "room" and event.get("recovered") is False:
+            reported = True
+        elif event["type"] == "welcome" and event.get("recovered", {}).get(room) is False:
+            reported = True
+    return ids, reported
