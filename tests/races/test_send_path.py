@@ -3,9 +3,8 @@ script re-checks membership, so a membership the session has not yet heard is go
 
 from __future__ import annotations
 
-from tests.integration.wire import hello, next_of, next_reply, raw_connect, send_json
-
 from node.metrics import METRICS
+from tests.integration.wire import hello, next_reply, raw_connect, send_json
 
 from .conftest import command, until, ws_url
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from node import protocol
 from node.auth import dev_identity
 from node.errors import ChatError, Unauthorized
-from node.ratelimit import KeyedBuckets, TokenBucket, client_ip
 from node.opener import parse_cursors
+from node.ratelimit import KeyedBuckets, TokenBucket, client_ip
 from node.unread import parse_marker, unread_count
 
 from .strategies import command, json_value, room_ids, stream_ids, user_ids
