@@ -23,7 +23,7 @@ from . import __version__, redisio
 from .commands import Commands
 from .config import Settings
 from .ephemeral import Ephemeral, EphemeralTopic, start_position
-from .fanout import Fanout, Flusher, Topic
+from .fanout import Fanout, Topic
 from .http import HttpContext, build_app
 from .keys import Keys
 from .metrics import METRICS
@@ -36,6 +36,7 @@ from .presence import Presence
 from .recovery import Recovery
 from .rooms import Rooms
 from .session import Sessions
+from .sink import Flusher
 from .status import NodeStatus
 from .streams import RoomStreams
 from .summaries import RoomSummaries

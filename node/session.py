@@ -23,7 +23,7 @@ import orjson
 
 from .auth import Identity
 from .config import Settings
-from .fanout import Fanout, Sink, Topic
+from .fanout import Fanout, Topic
 from .keys import Keys, UserId
 from .opener import SessionOpener
 from .pauses import PausePoints
@@ -31,6 +31,7 @@ from .personal import PersonalStreams, PersonalTopic
 from .protocol import dumps, message_event, ws_text_frame
 from .resume import plan_replay
 from .rooms import Rooms
+from .sink import Sink
 from .streams import RoomMeta, RoomStreams, room_gap_event, room_summary
 from .summaries import RoomSummaries
 from .supervise import Jobs

@@ -35,11 +35,11 @@ from .errors import (
     close_code_of,
     error_body,
 )
-from .fanout import Flusher, Sink
 from .metrics import CLOSE_CODES, METRICS
 from .origins import origin_allowed
 from .ratelimit import LIMITS, Counts, PenaltyBox, client_ip
 from .session import Subscription
+from .sink import Flusher, Sink
 
 if TYPE_CHECKING:
     from .commands import Commands

@@ -12,8 +12,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from node import config
-from node.fanout import Flusher
 from node.metrics import METRICS
+from node.sink import Flusher
 from node.status import NodeStatus
 from node.supervise import ThrottledLog
 from node.ws import WsServer

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from websockets.protocol import State
 
-from node.fanout import Flusher, Sink
+from node.sink import Flusher, Sink
 
 
 class Transport:
