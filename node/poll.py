@@ -27,6 +27,7 @@ from .online import Online
 from .opener import SessionOpener, parse_cursors
 from .personal import PersonalStreams, personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
+from .redisio import concurrently
 from .resume import ReplayPlan, plan_replay
 from .rooms import Rooms
 from .session import Sessions
@@ -252,7 +253,15 @@ class Poller:
         if wait_ms > 0 and s.max_polls_per_user and self.waiting[user] >= s.max_polls_per_user:
             METRICS.rate_limited.labels(limit="polls_per_user").inc()
             raise RateLimited(f"too many long polls of this user waiting (at most {s.max_polls_per_user})")
-        collected = await self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit)
+        # The poll keeps the user online until a little after the latest its next poll may come
+        # (this poll's wait, then the interval it will be given if it brings nothing): known
+        # now, so the heartbeat goes to Redis together with the first read, not after.
+        load = self.status.load_factor()
+        latest_ms = wait_ms + next_poll_ms(False, interval_ms, focused, s, load)
+        collected, _ = await concurrently(
+            self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit),
+            self.online.poll_heartbeat(identity, session, latest_ms))
+        METRICS.presence_heartbeats.inc()
         if not collected.events and wait_ms > 0 and not self.status.draining:
             self.waiting[user] += 1
             METRICS.polls_waiting.inc()
@@ -265,9 +274,7 @@ class Poller:
                     del self.waiting[user]
             collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
         had_events = bool(collected.events)
-        next_ms = next_poll_ms(had_events, interval_ms, focused, s, self.status.load_factor())
-        await self.online.poll_heartbeat(identity, session, next_ms)
-        METRICS.presence_heartbeats.inc()
+        next_ms = next_poll_ms(had_events, interval_ms, focused, s, load)
         METRICS.polls.labels(result="events" if had_events else "empty").inc()
         METRICS.next_poll.observe(next_ms / 1000.0)
         return {"events": collected.events, "cursors": collected.cursors,
