@@ -317,7 +317,7 @@ class Injector:
         self.faults: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
         self.t0_ms = now_ms()
-        self.last_killed = ""
+        self.kill_order: list[str] = []
 
     def last_fault_before(self, at_ms: int) -> dict[str, Any] | None:
         before = [f for f in self.faults if f["at_ms"] <= at_ms]
@@ -377,9 +377,11 @@ class Injector:
 
     async def _node_kill(self) -> str:
         infra = self.infra
-        # Never the one killed last time, so that every slot (and its clients) gets its turn.
-        name = self.rng.choice([n for n in SLOTS if n != self.last_killed])
-        self.last_killed = name
+        # Slots in seeded shuffled rounds: every node (and its clients) gets its turn.
+        if not self.kill_order:
+            self.kill_order = list(SLOTS)
+            self.rng.shuffle(self.kill_order)
+        name = self.kill_order.pop()
         slot = infra.slots[name]
         infra.replacing.add(name)
         try:
@@ -474,6 +476,19 @@ def config_value(reply: Any) -> str:
     """The value of a one-parameter ``CONFIG GET`` (redis-py answers a dict or a list)."""
     value = next(iter(reply.values())) if isinstance(reply, dict) else reply[1]
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the nodes run, and the files of node/ changed in the working tree."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "node_uncommitted": [ln[3:] for ln in git("status", "--porcelain", "--", "node").splitlines()]}
 
 
 def kill9(proc: Proc) -> None:
@@ -1206,7 +1221,8 @@ class Chaos:
         result: dict[str, Any] = {"command": cfg.command, "started_at": started, "seed": cfg.seed,
                                   "redis": "cluster 3x2" if cfg.cluster else "single (AOF, appendfsync always)",
                                   "duration_s": cfg.duration_s, "workdir": str(workdir),
-                                  "fault_interval_s": [cfg.fault_min_s, cfg.fault_max_s]}
+                                  "fault_interval_s": [cfg.fault_min_s, cfg.fault_max_s],
+                                  "code": await asyncio.to_thread(code_version)}
         tasks: list[asyncio.Task[Any]] = []
         stop_faults, stop_traffic, stop_polls, stop_monitor = (asyncio.Event() for _ in range(4))
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
