@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -508,21 +510,92 @@ class Scaling:
         return {"scenario": "scaling", "results": results}
 
 
-SCENARIOS: dict[str, Any] = {"fanout": Fanout, "idle": Idle, "scaling": Scaling}
+# -- the scenario registry ----------------------------------------------------------------------
+#
+# One registry for every scenario, whether its code lives in this file (fanout, idle, scaling) or
+# in a module of its own (``loadtest/scenario_*.py``, found by name). A module provides ``NAME``,
+# ``HELP``, ``add_arguments(parser)``, ``Scenario`` and ``markdown(doc)``, and may set
+# ``OWN_CLUSTER = True``. ``Scenario(args, cluster, workers)`` gets the Redis and servers of
+# ``--target`` and the harness's client processes, and has ``setup()`` and ``run() -> dict``
+# (with a ``"scenario"`` key); an ``OWN_CLUSTER`` scenario gets ``Scenario(args, run_case)``
+# instead, where ``run_case(argv) -> dict`` runs another scenario from its command line (own
+# Redis, servers and clients each time) and returns its results document.
 
-# Scenarios in modules of their own (``loadtest/scenario_*.py``). Each module has ``NAME``,
-# ``HELP``, ``add_arguments(parser)``, ``Scenario(args, cluster, workers)`` (``setup()``,
-# ``run() -> dict`` with a ``"scenario"`` key, like the classes above) and ``markdown(doc)``.
-PLUGINS: dict[str, Any] = {}
+@dataclass(frozen=True)
+class ScenarioSpec:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    Scenario: Any
+    markdown: Callable[[dict[str, Any]], str]
+    own_cluster: bool = False
 
 
-def _load_plugins() -> None:
+SCENARIOS: dict[str, ScenarioSpec] = {}
+
+
+def register(spec: ScenarioSpec) -> None:
+    if spec.name in SCENARIOS:
+        raise RuntimeError(f"scenario {spec.name!r} registered twice")
+    SCENARIOS[spec.name] = spec
+
+
+def _fanout_arguments(f: argparse.ArgumentParser) -> None:
+    f.add_argument("--room-size", type=int, default=100)
+    f.add_argument("--rooms", type=int, default=10)
+    f.add_argument("--rates", default="250,500,1000,1500,2000,3000,4000",
+                   help="messages/s (all rooms together) to sweep, ascending")
+    f.add_argument("--sweep-duration", type=float, default=4.0, help="seconds per sweep step")
+    f.add_argument("--duration", type=float, default=10.0,
+                   help="measurement window of the peak and half-peak runs (s)")
+    f.add_argument("--warmup", type=float, default=1.5, help="seconds before each window")
+    f.add_argument("--repeat", type=int, default=3, help="peak/half-peak runs per target (median)")
+    f.add_argument("--text-bytes", type=int, default=100)
+    f.add_argument("--dm", action="store_true",
+                   help="with --room-size 2: direct rooms (dm:a:b) instead of open rooms")
+    f.add_argument("--p99-limit-ms", type=float, default=100.0,
+                   help="a sweep step with a higher p99 counts as not keeping up")
+    f.add_argument("--drain-timeout", type=float, default=5.0)
+    f.add_argument("--sweep-retries", type=int, default=1,
+                   help="retries of a sweep step that fell behind before giving up on a target")
+
+
+def _scaling_arguments(sc: argparse.ArgumentParser) -> None:
+    sc.add_argument("--nodes", default="1,2,4")
+    sc.add_argument("--room-size", type=int, default=100)
+    sc.add_argument("--rooms", type=int, default=10)
+    sc.add_argument("--rate", type=float, default=300.0, help="messages/s")
+    sc.add_argument("--duration", type=float, default=8.0)
+    sc.add_argument("--text-bytes", type=int, default=100)
+    sc.set_defaults(target="")
+
+
+def _idle_arguments(i: argparse.ArgumentParser) -> None:
+    i.add_argument("--connections", type=int, default=10000)
+    i.add_argument("--warm-connections", type=int, default=200,
+                   help="connected before the baseline RSS is taken")
+    i.add_argument("--settle", type=float, default=3.0)
+    i.add_argument("--idle-seconds", type=float, default=5.0)
+    i.set_defaults(target="ours,naive", workers=4)
+
+
+register(ScenarioSpec("fanout", "open-loop fan-out: rate sweep, peak, half-peak latency",
+                      _fanout_arguments, Fanout, stats.markdown))
+register(ScenarioSpec("scaling", "Redis commands and CPU per message at 1, 2, 4 nodes",
+                      _scaling_arguments, Scaling, stats.markdown))
+register(ScenarioSpec("idle", "node memory per idle connection", _idle_arguments, Idle,
+                      stats.markdown))
+
+
+def _load_scenario_modules() -> None:
     import importlib
 
     for path in sorted((REPO / "loadtest").glob("scenario_*.py")):
         module = importlib.import_module(f"loadtest.{path.stem}")
-        PLUGINS[module.NAME] = module
-        SCENARIOS[module.NAME] = module.Scenario
+        if module.NAME in SCENARIOS:
+            continue
+        register(ScenarioSpec(module.NAME, module.HELP, module.add_arguments, module.Scenario,
+                              module.markdown, bool(getattr(module, "OWN_CLUSTER", False))))
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -565,87 +638,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="node code to benchmark: git:REF (default git:HEAD, a clean export "
                             "of that commit), '.' (the working tree) or a directory")
 
-    f = sub.add_parser("fanout", help="open-loop fan-out: rate sweep, peak, half-peak latency")
-    common(f)
-    f.add_argument("--room-size", type=int, default=100)
-    f.add_argument("--rooms", type=int, default=10)
-    f.add_argument("--rates", default="250,500,1000,1500,2000,3000,4000",
-                   help="messages/s (all rooms together) to sweep, ascending")
-    f.add_argument("--sweep-duration", type=float, default=4.0, help="seconds per sweep step")
-    f.add_argument("--duration", type=float, default=10.0,
-                   help="measurement window of the peak and half-peak runs (s)")
-    f.add_argument("--warmup", type=float, default=1.5, help="seconds before each window")
-    f.add_argument("--repeat", type=int, default=3, help="peak/half-peak runs per target (median)")
-    f.add_argument("--text-bytes", type=int, default=100)
-    f.add_argument("--dm", action="store_true",
-                   help="with --room-size 2: direct rooms (dm:a:b) instead of open rooms")
-    f.add_argument("--p99-limit-ms", type=float, default=100.0,
-                   help="a sweep step with a higher p99 counts as not keeping up")
-    f.add_argument("--drain-timeout", type=float, default=5.0)
-    f.add_argument("--sweep-retries", type=int, default=1,
-                   help="retries of a sweep step that fell behind before giving up on a target")
-
-    sc = sub.add_parser("scaling", help="Redis commands and CPU per message at 1, 2, 4 nodes")
-    common(sc)
-    sc.add_argument("--nodes", default="1,2,4")
-    sc.add_argument("--room-size", type=int, default=100)
-    sc.add_argument("--rooms", type=int, default=10)
-    sc.add_argument("--rate", type=float, default=300.0, help="messages/s")
-    sc.add_argument("--duration", type=float, default=8.0)
-    sc.add_argument("--text-bytes", type=int, default=100)
-    sc.set_defaults(target="")
-
-    i = sub.add_parser("idle", help="node memory per idle connection")
-    common(i)
-    i.add_argument("--connections", type=int, default=10000)
-    i.add_argument("--warm-connections", type=int, default=200,
-                   help="connected before the baseline RSS is taken")
-    i.add_argument("--settle", type=float, default=3.0)
-    i.add_argument("--idle-seconds", type=float, default=5.0)
-    i.set_defaults(target="ours,naive", workers=4)
-
-    _load_plugins()
-    for name, module in PLUGINS.items():
-        p = sub.add_parser(name, help=module.HELP)
+    _load_scenario_modules()
+    for name, spec in SCENARIOS.items():
+        p = sub.add_parser(name, help=spec.help)
         common(p)
-        module.add_arguments(p)
+        spec.add_arguments(p)
     return parser.parse_args(argv)
+
+
+def run_scenario(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Run one parsed scenario; returns its results document (nothing written)."""
+    spec = SCENARIOS[args.scenario]
+    info = machine_info()
+    started = time.time()
+    if spec.own_cluster:
+        def run_case(argv: list[str]) -> dict[str, Any]:
+            sub = parse_args(argv)
+            return run_scenario(sub, "python -m loadtest.bench " + " ".join(argv))
+
+        log(f"{command}\n  machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
+            f"load {info['loadavg_at_start']}")
+        result = spec.Scenario(args, run_case).run()
+    else:
+        targets = [t.strip() for t in (args.target or "").split(",") if t.strip()]
+        for t in targets:
+            if t not in TARGETS:
+                raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+        logdir = args.logdir or tempfile.mkdtemp(prefix="chatcluster-bench-")
+        log(f"{command}\n  machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
+            f"load {info['loadavg_at_start']}; logs in {logdir}")
+        cluster = Cluster(targets, args.shards, logdir)
+        workers = Workers(args.workers)
+        try:
+            scenario = spec.Scenario(args, cluster, workers)
+            scenario.setup()
+            result = scenario.run()
+        finally:
+            workers.stop()
+            cluster.stop()
+    return {"command": command, "machine": info, "args": vars(args), **NODE_SOURCE,
+            "wall_s": round(time.time() - started, 1), **result}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile()
-    targets = [t.strip() for t in (args.target or "").split(",") if t.strip()]
-    for t in targets:
-        if t not in TARGETS:
-            raise SystemExit(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
     if args.patched_src:
         os.environ["CHATCLUSTER_BENCH_PATCHED_SRC"] = os.path.abspath(args.patched_src)
     os.environ["CHATCLUSTER_BENCH_PATCHED_ENV"] = args.patched_env
-    logdir = args.logdir or tempfile.mkdtemp(prefix="chatcluster-bench-")
-    command = "python loadtest/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    info = machine_info()
-    log(f"{command}\n  machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
-        f"load {info['loadavg_at_start']}; logs in {logdir}")
-    started = time.time()
-    cluster = Cluster(targets, args.shards, logdir)
-    workers = Workers(args.workers)
-    try:
-        scenario = SCENARIOS[args.scenario](args, cluster, workers)
-        scenario.setup()
-        result = scenario.run()
-    finally:
-        workers.stop()
-        cluster.stop()
-    doc = {"command": command, "machine": info, "args": vars(args), **NODE_SOURCE,
-           "wall_s": round(time.time() - started, 1), **result}
+    command = "python -m loadtest.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    doc = run_scenario(args, command)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
     if args.plot and doc["scenario"] == "fanout":
         stats.plot_fanout(doc, args.plot)
         log(f"plot: {args.plot}")
-    plugin = PLUGINS.get(doc["scenario"])
-    print(plugin.markdown(doc) if plugin is not None else stats.markdown(doc))
+    print(SCENARIOS[args.scenario].markdown(doc))
     return 0
 
 

@@ -16,6 +16,7 @@ Text layout (``text_bytes`` long, ASCII): ``~b<scheduled µs since the epoch> xx
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 from typing import Any
@@ -175,16 +176,26 @@ def publish(redis_host: str, redis_port: int, shards: int, rooms: list[str], rat
     sha = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
     sock.sendall(_cmd("SCRIPT", "LOAD", APPEND_LUA))
     assert reader.read().decode() == sha
-    # Per-room constant parts of the command: EVALSHA sha 3 stream meta cmid maxlen user name
-    prefix = {}
+    # The node's append script: KEYS stream, meta, cmid-key, members; ARGV maxlen, user, name,
+    # text, cmid, kind, cmid_ttl, max_age_ms, client-cmid flag, check-member flag. Every append
+    # carries its own dedupe key (as the node's made-up cmids do; one fixed key per room would
+    # make every later append a "duplicate" of the first), kept 60 s like the node's.
+    # Per room: the constant parts around the per-message cmid key and text.
+    head: dict[str, bytes] = {}
+    mid: dict[str, bytes] = {}
+    cmid_base: dict[str, str] = {}
+
+    def bulk(parts: list[Any]) -> bytes:
+        encoded = [a if isinstance(a, bytes) else str(a).encode() for a in parts]
+        return b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
+
     for i, room in enumerate(rooms):
         user = f"pub{i}"
-        parts = [b"EVALSHA", sha, 3, keys.room_stream(room), keys.room_meta(room),
-                 keys.room_cmid(room, user, "-"), maxlen, user, "Publisher"]
-        encoded = [a if isinstance(a, bytes) else str(a).encode() for a in parts]
-        # 14 in all: 9 fixed + text, cmid, kind, cmid_ttl, max_age (0: no age trim)
-        prefix[room] = b"*14\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
-    tail = _cmd("", "", 86400, 0)[4:]  # cmid '', kind '', ttl, max_age: the bulk strings only
+        head[room] = b"*17\r\n" + bulk([b"EVALSHA", sha, 4, keys.room_stream(room), keys.room_meta(room)])
+        mid[room] = bulk([keys.room_members(room), maxlen, user, "Publisher"])
+        cmid_base[room] = keys.room_cmid(room, user, "~p")
+    tail = bulk(["", "", 60, 0, "", ""])  # cmid '', kind '', ttl, max_age 0 (off), flags off
+    run_tag = f"{os.getpid()}.{t0_us}"
     interval_us = 1e6 / rate
     n_rooms = len(rooms)
     i = 0
@@ -202,7 +213,9 @@ def publish(redis_host: str, redis_port: int, shards: int, rooms: list[str], rat
             room = rooms[i % n_rooms]
             text = make_text(sched, text_bytes).encode()
             max_lag_us = max(max_lag_us, now - sched)
-            due.append((room, prefix[room] + b"$%d\r\n%s\r\n" % (len(text), text) + tail))
+            ck = f"{cmid_base[room]}{run_tag}.{i}".encode()
+            due.append((room, head[room] + b"$%d\r\n%s\r\n" % (len(ck), ck) + mid[room]
+                        + b"$%d\r\n%s\r\n" % (len(text), text) + tail))
             i += 1
         if due:
             sock.sendall(b"".join(cmd for _, cmd in due))

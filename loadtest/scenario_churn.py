@@ -96,6 +96,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rooms-per-user", type=int, default=1,
                    help="seeded rooms each pool user is a member of (besides general)")
     p.add_argument("--room-size", type=int, default=20, help="members per seeded room")
+    p.add_argument("--session", choices=("plain", "fresh", "returning"), default="plain",
+                   help="plain: connect + hello (Socket.IO: namespace connect) from a pool of "
+                        "users, each in --rooms-per-user seeded rooms; fresh: a user never seen "
+                        "before connects and joins one room (ours: hello + join; Socket.IO: "
+                        "connect + emit join, acked); returning: a pool user in --rooms-per-user "
+                        "rooms comes back (ours: hello with a current cursor for each room; "
+                        "Socket.IO: connect + one join per room). Latency ends at the last answer")
     p.add_argument("--p99-limit-ms", type=float, default=200.0,
                    help="a step with a higher connect-to-welcome p99 does not keep up")
     p.add_argument("--retries", type=int, default=1,
@@ -152,11 +159,15 @@ class Run:
 class ChurnClient(asyncio.Protocol):
     """One session: upgrade, hello, welcome, hold, close. Outcome recorded once in ``run``."""
 
-    def __init__(self, run: Run, sched: int, user: str, dialect: str) -> None:
+    def __init__(self, run: Run, sched: int, user: str, dialect: str,
+                 joins: list[str] | None = None, cursors: dict[str, Any] | None = None) -> None:
         self.run = run
         self.sched = sched
         self.user = user
         self.dialect = dialect
+        self.joins = joins or []  # rooms to join after welcome / namespace connect
+        self.cursors = cursors  # ours: hello with these cursors (a returning user)
+        self.pending = -1  # joins not yet answered (-1: none sent)
         self.transport: Any = None
         self.buf = b""
         self.state = 0  # 0 upgrading, 1 upgraded, 2 welcomed, 3 close sent, 4 done
@@ -258,7 +269,10 @@ class ChurnClient(asyncio.Protocol):
             if self.run.in_window(self.sched):
                 self.run.up_lat.append(now_us() - self.sched)
             if self.dialect == "ws-json":
-                self.transport.write(mask_frame(1, orjson.dumps({"type": "hello", "user": self.user})))
+                hello: dict[str, Any] = {"type": "hello", "user": self.user}
+                if self.cursors:
+                    hello["cursors"] = self.cursors
+                self.transport.write(mask_frame(1, orjson.dumps(hello)))
             data = data[end + 4:]
         self._frames(data)
 
@@ -323,20 +337,52 @@ class ChurnClient(asyncio.Protocol):
                 self.transport.write(mask_frame(1, b"40"))
                 return
             if payload[:2] == b"40":
-                self._welcomed()
+                if self.joins:
+                    self._send_joins()
+                else:
+                    self._welcomed()
+                return
+            if payload[:10] == b'42["joined' and self.pending > 0:
+                self.pending -= 1
+                if self.pending == 0:
+                    self._welcomed()
                 return
             if payload[:2] == b"44":
                 self._fail("sio connect error")
+            return
+        if self.pending >= 0:  # waiting for the join replies; replays, presence: skip
+            if payload.startswith(b'{"type":"reply"'):
+                frame = orjson.loads(payload)
+                if not frame.get("ok"):
+                    self._fail(f"join refused: {str(frame.get('error'))[:40]}")
+                    return
+                self.pending -= 1
+                if self.pending == 0:
+                    self._welcomed()
             return
         try:
             kind = orjson.loads(payload).get("type")
         except orjson.JSONDecodeError:
             kind = None
         if kind == "welcome":
-            self._welcomed()
+            if self.joins:
+                self._send_joins()
+            else:
+                self._welcomed()
         else:
             k = f"frame {kind} before welcome"
             self.run.after[k] = self.run.after.get(k, 0) + 1
+
+    def _send_joins(self) -> None:
+        """Join ``self.joins`` in one write; the session counts as welcomed once all answered."""
+        if self.dialect == "sio":
+            out = b"".join(mask_frame(1, b'42["join",' + orjson.dumps(room) + b"]")
+                           for room in self.joins)
+        else:
+            out = b"".join(mask_frame(1, orjson.dumps({"type": "join", "room": room, "ref": k + 1}))
+                           for k, room in enumerate(self.joins))
+        self.pending = len(self.joins)
+        self.transport.write(out)
 
     def _welcomed(self) -> None:
         t = now_us()
@@ -374,6 +420,10 @@ async def run_step(msg: dict[str, Any]) -> dict[str, Any]:
     users: list[str] = msg["users"]
     rate, index, nw, t0, w1 = msg["rate"], msg["index"], msg["nworkers"], msg["t0"], msg["w1"]
     offset = msg.get("user_offset", 0)
+    fresh = msg.get("session") == "fresh"
+    join_rooms: list[str] = msg.get("join_rooms") or []
+    user_rooms: list[list[str]] | None = msg.get("user_rooms")
+    user_cursors: list[dict[str, Any]] | None = msg.get("user_cursors")
     timeout = msg["timeout"]
 
     async def connect(client: ChurnClient) -> None:
@@ -396,7 +446,16 @@ async def run_step(msg: dict[str, Any]) -> dict[str, Any]:
             await asyncio.sleep(delay / 1e6)
         lag = now_us() - sched
         r.max_start_lag_us = max(r.max_start_lag_us, lag)
-        client = ChurnClient(r, sched, users[(offset + i) % len(users)], dialect)
+        if fresh:  # a user never seen before: a new name each session
+            user = f"{users[0]}n{offset + i}"
+            joins = [join_rooms[(offset + i) % len(join_rooms)]] if join_rooms else None
+            cursors = None
+        else:
+            k = (offset + i) % len(users)
+            user = users[k]
+            joins = user_rooms[k] if user_rooms and dialect == "sio" else None
+            cursors = user_cursors[k] if user_cursors else None
+        client = ChurnClient(r, sched, user, dialect, joins, cursors)
         r.started += 1
         r.outstanding += 1
         if r.in_window(sched):
@@ -492,12 +551,35 @@ async def seed(redis_url: str, shards: int, rooms: dict[str, list[str]], users: 
         await r.pfadd(keys.general_members(), *users[i:i + 1000])
     for room, members in rooms.items():
         await streams.ensure_room(room, "open", room, "", int(time.time() * 1000))
+        if not members:
+            continue
         pipe = r.pipeline(transaction=False)
         pipe.sadd(keys.room_members(room), *members)
         for user in members:
             pipe.sadd(keys.user_rooms(user), room)
         await pipe.execute()
     await r.aclose()
+
+
+async def seed_cursors(redis_url: str, shards: int, rooms: list[str]) -> dict[str, dict[str, str]]:
+    """One message appended to each room (a returning user's cursor must name an entry still in
+    the stream); returns each room's current cursor ``{"epoch", "id"}``."""
+    import redis.asyncio as aioredis
+
+    from node.keys import Keys
+    from node.streams import RoomStreams
+
+    r = aioredis.Redis.from_url(redis_url)
+    streams = RoomStreams(r, Keys(shards), maxlen=10000, cmid_ttl_s=86400)
+    out: dict[str, dict[str, str]] = {}
+    for room in rooms:
+        appended = await streams.append(room, "seed", "Seed", "hello", None)
+        meta = await streams.meta(room)
+        assert meta is not None
+        out[room] = {"epoch": meta.epoch, "id": str(appended.id)}
+    await streams.aclose()
+    await r.aclose()
+    return out
 
 
 def _merge(items: Any) -> dict[str, int]:
@@ -524,6 +606,9 @@ class Scenario:
         self.warmup = args.warmup if args.warmup is not None else args.hold + 1.0
         self.pool = args.users or max(1000, int(max(self.rates) * (args.hold + 4.0)))
         self.users: dict[str, list[str]] = {}
+        self.user_rooms: dict[str, list[list[str]]] = {}
+        self.user_cursors: dict[str, list[dict[str, Any]]] = {}
+        self.join_rooms: dict[str, list[str]] = {}
         self.user_offset: dict[str, int] = {}
         self.rss0: dict[str, tuple[float, int]] = {}
         self.idle: dict[str, float] = {}
@@ -536,7 +621,23 @@ class Scenario:
             tag = f"ch{target[:1]}{t_index}"
             users = [f"{tag}u{j}" for j in range(self.pool)]
             self.users[target] = users
-            if TARGETS[target].dialect == "ws-json" and a.rooms_per_user > 0:
+            ours = TARGETS[target].dialect == "ws-json"
+            if a.session == "fresh":
+                self.users[target] = [f"{tag}f"]  # the prefix of the new users' names
+                n_rooms = max(1, math.ceil(self.pool / a.room_size))
+                self.join_rooms[target] = [f"r-{tag}j{j:05d}" for j in range(n_rooms)]
+                if ours:
+                    asyncio.run(seed(self.cluster.redis_url, self.cluster.shards,
+                                     {r: [] for r in self.join_rooms[target]}, []))
+                log(f"{target}: fresh users, each joins one of {n_rooms} rooms")
+                continue
+            if a.session == "returning":
+                n_rooms = max(1, math.ceil(self.pool * a.rooms_per_user / a.room_size))
+                names = [f"r-{tag}{j:05d}" for j in range(n_rooms)]
+                self.user_rooms[target] = [
+                    [names[(j * a.rooms_per_user + k) % n_rooms] for k in range(a.rooms_per_user)]
+                    for j in range(len(users))]
+            if ours and a.rooms_per_user > 0:
                 n_rooms = max(1, math.ceil(self.pool * a.rooms_per_user / a.room_size))
                 rooms: dict[str, list[str]] = {f"r-{tag}{j:05d}": [] for j in range(n_rooms)}
                 names = list(rooms)
@@ -546,6 +647,10 @@ class Scenario:
                 asyncio.run(seed(self.cluster.redis_url, self.cluster.shards,
                                  {r: sorted(set(m)) for r, m in rooms.items() if m}, users))
                 log(f"{target}: {len(users)} users seeded into {n_rooms} rooms of ~{a.room_size}")
+                if a.session == "returning":
+                    cur = asyncio.run(seed_cursors(self.cluster.redis_url, self.cluster.shards, names))
+                    self.user_cursors[target] = [{room: cur[room] for room in rooms_of}
+                                                 for rooms_of in self.user_rooms[target]]
         self.workers = ChurnWorkers(a.workers)
         time.sleep(1.0)
         # Idle command rate of everything (every target idle): subtracted from each window.
@@ -579,10 +684,15 @@ class Scenario:
             "dialect": TARGETS[target].dialect, "users": self.users[target], "rate": rate,
             "index": i, "nworkers": nw, "t0": t0, "w0": w0, "w1": w1, "hold": a.hold,
             "timeout": a.timeout, "close_timeout": a.close_timeout,
-            "user_offset": self.user_offset.get(target, 0)} for i in range(nw)])
-        # The next step goes on with the next users of the pool (round-robin over steps too).
+            "user_offset": self.user_offset.get(target, 0), "session": a.session,
+            "join_rooms": self.join_rooms.get(target), "user_rooms": self.user_rooms.get(target),
+            "user_cursors": self.user_cursors.get(target)} for i in range(nw)])
+        # The next step goes on with the next users of the pool (round-robin over steps too;
+        # fresh users: never the same name twice).
         self.user_offset[target] = (self.user_offset.get(target, 0)
-                                    + int(rate * (w1 - t0) / 1e6) + 1) % self.pool
+                                    + int(rate * (w1 - t0) / 1e6) + 1)
+        if a.session != "fresh":
+            self.user_offset[target] %= self.pool
         sampler = stats.CpuSampler({"node": [server.pid], "redis": [self.cluster.redis.pid],
                                     "clients": self.workers.pids + self.bench_workers.pids})
         time.sleep(max(0.0, (w0 - now_us()) / 1e6))

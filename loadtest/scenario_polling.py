@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 
 from loadtest import stats
+from loadtest.targets import TARGETS
 from loadtest.wsclient import MAGIC_PREFIX, WorkerPool, pipe_inbox, run_worker
 
 NAME = "polling"
@@ -261,9 +262,119 @@ class PollWorker:
                 "responses": s.responses, "next_poll_sum": s.next_poll_sum}
 
 
-async def _serve(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
+class EioPollWorker(PollWorker):
+    """Socket.IO peers over the Engine.IO 4 polling transport (long polls, sticky sessions):
+    handshake ``GET ?EIO=4&transport=polling``, ``POST 40`` (namespace), ``POST 42["join",R]``,
+    then ``GET`` in a loop (the server holds it until it has packets or its ping is due; packets
+    are separated by 0x1e); a ping ``2`` is answered with ``POST 3``. A request is one GET."""
+
+    def _q(self, c: PollClient) -> str:
+        return f"{self.url}/socket.io/?EIO=4&transport=polling&sid={c.session}"
+
+    async def _get(self, c: PollClient) -> list[bytes]:
+        async with self.http.get(self._q(c)) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"GET {resp.status}")
+        return raw.split(b"\x1e")
+
+    async def _post(self, c: PollClient, body: bytes) -> None:
+        async with self.http.post(self._q(c), data=body,
+                                  headers={"Content-Type": "text/plain;charset=UTF-8"}) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"POST {resp.status}")
+
+    async def sessions(self, concurrency: int) -> dict[str, Any]:
+        sem = asyncio.Semaphore(concurrency)
+        failed = 0
+
+        async def one(c: PollClient) -> None:
+            nonlocal failed
+            async with sem:
+                for attempt in range(3):
+                    try:
+                        async with self.http.get(self.url + "/socket.io/?EIO=4&transport=polling") as resp:
+                            raw = await resp.read()
+                        if resp.status != 200 or raw[:1] != b"0":
+                            self._bad(f"session {resp.status}")
+                            continue
+                        c.session = orjson.loads(raw[1:])["sid"]
+                        await self._post(c, b"40")
+                        joined = connected = False
+                        for _ in range(20):
+                            for pkt in await self._get(c):
+                                if pkt[:2] == b"40" and not connected:
+                                    connected = True
+                                    await self._post(c, b'42["join",' + orjson.dumps(c.room) + b"]")
+                                elif pkt[:10] == b'42["joined':
+                                    joined = True
+                                elif pkt == b"2":
+                                    await self._post(c, b"3")
+                            if joined:
+                                return
+                        self._bad("session: no joined")
+                    except Exception as exc:  # counted and retried
+                        self._bad(f"session {type(exc).__name__}")
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                failed += 1
+
+        await asyncio.gather(*(one(c) for c in self.clients))
+        return {"ok": len(self.clients) - failed, "failed": failed, "errors": dict(self.stats.statuses)}
+
+    async def _run(self, c: PollClient, mode: str, wait_ms: int, stagger_s: float) -> None:
+        st = self.stats
+        await asyncio.sleep(random.uniform(0, stagger_s))
+        while not self.stopping:
+            t = now_us()
+            if st.w0 <= t < st.w1:
+                st.requests += 1
+            b = (t - st.w0) // st.bucket_us if st.w0 <= t else -1
+            st.buckets[b] = st.buckets.get(b, 0) + 1
+            c.in_flight = True
+            try:
+                packets = await self._get(c)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                c.in_flight = False
+                self._bad(f"{type(exc).__name__} {str(exc)[:50]}".strip())
+                await asyncio.sleep(1.0)
+                continue
+            c.in_flight = False
+            arrive = now_us()
+            st.responses += 1
+            got = False
+            for pkt in packets:
+                if pkt == b"2":
+                    asyncio.ensure_future(self._post(c, b"3"))
+                    continue
+                if pkt[:12] != b'42["message"':
+                    st.other_events += 1
+                    continue
+                got = True
+                e = orjson.loads(pkt[2:])[1]
+                seq = e["seq"]
+                if seq <= c.last_seq:
+                    st.dups += 1
+                    continue
+                if seq > c.last_seq + 1:
+                    st.gaps += seq - c.last_seq - 1
+                c.last_seq = seq
+                if st.w0 <= arrive < st.w1:
+                    st.delivered += 1
+                text = e.get("text", "")
+                if text.startswith(MAGIC_PREFIX):
+                    sched = int(text[len(MAGIC_PREFIX):text.index(" ")])
+                    if st.w0 <= sched < st.w1:
+                        st.latencies.append(arrive - sched)
+            if not got:
+                st.empty += 1
+
+
+async def _serve(conn: Any, url: str, clients: list[tuple[str, str]], dialect: str = "ws-json") -> None:
     inbox = pipe_inbox(conn)
-    worker = PollWorker(url, clients)
+    worker = EioPollWorker(url, clients) if dialect == "sio" else PollWorker(url, clients)
     while True:
         msg = await inbox.get()
         op = msg["op"]
@@ -293,15 +404,18 @@ async def _serve(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
         conn.send(reply)
 
 
-def poll_worker_main(conn: Any, url: str, clients: list[tuple[str, str]]) -> None:
-    run_worker(_serve(conn, url, clients))
+def poll_worker_main(conn: Any, url: str, clients: list[tuple[str, str]],
+                     dialect: str = "ws-json") -> None:
+    run_worker(_serve(conn, url, clients, dialect))
 
 
 class PollWorkers(WorkerPool):
     what = "polling worker"
 
-    def __init__(self, n: int, url: str, clients: list[tuple[str, str]]) -> None:
-        super().__init__(n, poll_worker_main, "bench-pollers", lambda i: (url, clients[i::n]))
+    def __init__(self, n: int, url: str, clients: list[tuple[str, str]],
+                 dialect: str = "ws-json") -> None:
+        super().__init__(n, poll_worker_main, "bench-pollers",
+                         lambda i: (url, clients[i::n], dialect))
 
 
 def _merge(dicts: Any) -> dict[Any, int]:
@@ -320,9 +434,17 @@ class Scenario:
         self.cluster = cluster
         self.workers = workers
         targets = list(cluster.servers)
-        if len(targets) != 1 or targets[0] not in ("ours", "patched"):
-            raise SystemExit("polling: give exactly one target, ours or patched (naive has no polling)")
+        if len(targets) != 1 or targets[0] not in ("ours", "patched", "pysio", "nodesio"):
+            raise SystemExit("polling: give exactly one target: ours, patched, or a Socket.IO "
+                             "peer (pysio, nodesio: Engine.IO polling; naive has no polling)")
         self.target = targets[0]
+        self.sio = TARGETS[self.target].dialect == "sio"
+        if self.sio:
+            args.no_ws = True  # the comparison row is ours only
+            if args.modes != "long":
+                log("Socket.IO peers: Engine.IO polling is long polling; --modes long")
+                args.modes = "long"
+        self.peer_seq: dict[str, int] = {}
         self.pollers: PollWorkers | None = None
         self.poll_rooms: list[str] = []
         self.ws_rooms: list[str] = []
@@ -356,6 +478,9 @@ class Scenario:
         from loadtest.bench import seed_rooms
 
         a = self.args
+        if self.sio:
+            self._setup_sio()
+            return
         self._restart_node()
         server = self.cluster.servers[self.target]
         size = max(1, a.pollers // a.rooms)
@@ -382,16 +507,36 @@ class Scenario:
             if res["failed"]:
                 raise RuntimeError(f"{res['failed']} WebSocket clients failed to connect")
 
+    def _setup_sio(self) -> None:
+        """Socket.IO peer: rooms are names only; each poller joins its room after connecting."""
+        a = self.args
+        server = self.cluster.servers[self.target]
+        size = max(1, a.pollers // a.rooms)
+        self.poll_rooms = [f"r-pollp{j:04d}" for j in range(a.rooms)]
+        self.room_size = size
+        clients = [(f"pp{j}x{k}", room) for j, room in enumerate(self.poll_rooms) for k in range(size)]
+        url = f"http://127.0.0.1:{server.info['ws_port']}"
+        self.pollers = PollWorkers(a.poll_workers, url, clients, "sio")
+        t = time.monotonic()
+        replies = self.pollers.call_all({"op": "sessions", "concurrency": 50})
+        ok = sum(r["ok"] for r in replies)
+        failed = sum(r["failed"] for r in replies)
+        log(f"{ok} Engine.IO polling sessions (connected, joined) in {time.monotonic() - t:.1f}s"
+            + (f", {failed} failed: {_merge(r['errors'] for r in replies)}" if failed else ""))
+        if failed:
+            raise RuntimeError(f"{failed} polling sessions failed")
+
     # phases --------------------------------------------------------------------------------
     def _publish(self, rooms: list[str], rate: float, t0: int, t_end: int) -> tuple[Any, Any]:
         from loadtest.bench import CTX
         from loadtest.publisher import publisher_main
 
         parent, child = CTX.Pipe()
+        peer = dict(dialect=self.target, seq_start=self.peer_seq) if self.sio else {}
         pub = CTX.Process(target=publisher_main, args=(child,), kwargs=dict(
             redis_host="127.0.0.1", redis_port=self.cluster.redis_port, shards=self.cluster.shards,
-            rooms=rooms, rate=rate, t0_us=t0, t_end_us=t_end, text_bytes=self.args.text_bytes),
-            daemon=True)
+            rooms=rooms, rate=rate, t0_us=t0, t_end_us=t_end, text_bytes=self.args.text_bytes,
+            **peer), daemon=True)
         pub.start()
         return pub, parent
 
@@ -406,6 +551,9 @@ class Scenario:
 
     def _stop_pollers(self, mode: str) -> int:
         assert self.pollers is not None
+        if self.sio:  # an Engine.IO long poll returns at the next ping (25 s): cut it
+            cut = sum(r["cut"] for r in self.pollers.call_all({"op": "stop_polling", "timeout": 0.2}))
+            return cut
         if mode != "short":
             self.pollers.call_all({"op": "halt"})
             self._wake_long_polls()
@@ -471,6 +619,8 @@ class Scenario:
             pub.join(5)
             if "error" in pub_result:
                 raise RuntimeError(f"publisher failed: {pub_result['error']}")
+            if self.sio:
+                self.peer_seq.update(pub_result["last_seq"])
         caught_up, drain_s = self._drain(kind, pub_result["last_seq"], a.drain_timeout)
         delta = {k: cs1.get(k, 0) - cs0.get(k, 0) for k in cs1}
         calls = {k: v for k, v in delta.items() if not k.startswith("usec:") and v > 0}

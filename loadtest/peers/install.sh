@@ -8,6 +8,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 py="${PYTHON:-python}"
+case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac
 "$py" -m pip install -q "python-socketio>=5.11,<6" "aiohttp>=3.9,<4" "uvloop>=0.19" "redis>=5"
 cd "$here"
 if [ -f package-lock.json ]; then

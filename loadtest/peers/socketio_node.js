@@ -1,4 +1,4 @@
-// Node.js Socket.IO peer for loadtest/bench.py: one process, WebSocket transport only,
+// Node.js Socket.IO peer for loadtest/bench.py: one process, WebSocket and polling transports,
 // @socket.io/redis-streams-adapter on the benchmark's Redis.
 //
 //   node socketio_node.js --redis redis://127.0.0.1:6379 --port 0
@@ -25,7 +25,7 @@ async function main() {
   await redis.connect();
   const httpServer = http.createServer();
   const io = new Server(httpServer, {
-    transports: ["websocket"],
+    transports: ["polling", "websocket"],  // polling: the Engine.IO polling comparison
     serveClient: false,
     perMessageDeflate: false,
     adapter: createAdapter(redis),

@@ -1,4 +1,4 @@
-"""python-socketio peer for loadtest/bench.py: one aiohttp process (uvloop), WebSocket transport,
+"""python-socketio peer for loadtest/bench.py: one aiohttp process (uvloop), WebSocket and polling transports,
 ``socketio.AsyncRedisManager`` on the benchmark's Redis.
 
     python loadtest/peers/socketio_py.py --redis redis://127.0.0.1:6379 --port 0
@@ -26,7 +26,8 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=0)
     a = p.parse_args()
     mgr = socketio.AsyncRedisManager(a.redis)
-    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=mgr, transports=["websocket"],
+    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=mgr,
+                               transports=["polling", "websocket"],
                                cors_allowed_origins="*", http_compression=False,
                                compression_threshold=1 << 30)
 
