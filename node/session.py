@@ -176,7 +176,7 @@ class Sessions:
         summary: dict[str, Any] = {}
         if live is not None:
             async with live.lock:
-                position = await self.subscribe_room(live, meta.room, None)
+                position = await self.subscribe_room(live, meta.room, None, meta)
             summary = (await self.summaries.summaries(user, {meta.room: meta}, {meta.room: position}))[0]
         elif summary_for_user:
             summary = (await self.summaries.summaries(user, {meta.room: meta}))[0]
@@ -194,18 +194,21 @@ class Sessions:
                 self.unsubscribe_room(live, room)
         await self.personal.publish(user, {"type": "room", "change": "removed", "room": {"id": room}})
 
-    async def subscribe_room(self, sub: Subscription, room: str, start: str | None) -> str:
+    async def subscribe_room(self, sub: Subscription, room: str, start: str | None,
+                             meta: RoomMeta | None = None) -> str:
         """Add a room to a live session (after join/invite/dm, on any node). Call with
         ``sub.lock`` held.
 
         Live delivery starts after the topic's position ``P``; with ``start`` the entries in
         ``(start, P]`` are replayed first, so a membership learnt late opens no gap (or, if the
         gap is past what can be replayed, the client is told ``recovered: false``). Returns
-        ``P``, the room's ``last_id`` as far as this session is concerned.
+        ``P``, the room's ``last_id`` as far as this session is concerned. ``meta``: the room's
+        metadata if the caller has just read it.
         """
         if room in sub.topics:
             return sub.topics[room].pos
-        meta = await self.streams.meta(room)
+        if meta is None:  # (the caller's own command just read it: no second read)
+            meta = await self.streams.meta(room)
         if meta is None or sub.closed:
             return "0-0"
         sink = sub.sink
