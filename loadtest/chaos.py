@@ -386,7 +386,8 @@ class Injector:
         infra.replacing.add(name)
         try:
             await asyncio.to_thread(kill9, slot.proc)
-            slot.killed.append({"generation": slot.generation, "exit": slot.proc.popen.returncode})
+            slot.killed.append({"generation": slot.generation, "exit": slot.proc.popen.returncode,
+                                "pid": slot.proc.pid})
             t0 = time.monotonic()
             await infra.replace_node(name)
         finally:
@@ -939,6 +940,17 @@ class Chaos:
             self.note_closes(injector)
             for name, slot in infra.slots.items():
                 if name in infra.replacing or slot.proc.alive():
+                    continue
+                if slot.killed and slot.killed[-1]["pid"] == slot.proc.pid:
+                    # Killed by the injector, whose replacement failed to start: try again.
+                    slot.killed[-1]["replacement_retried"] = True
+                    infra.replacing.add(name)
+                    try:
+                        await infra.replace_node(name)
+                    except Exception as exc:
+                        self.log(f"replacement of {name} failed: {exc}")
+                    finally:
+                        infra.replacing.discard(name)
                     continue
                 at = now_ms()
                 raw = await asyncio.to_thread(slot.log_path.read_bytes)
