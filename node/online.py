@@ -12,7 +12,7 @@ from typing import Any
 from .auth import Identity
 from .config import Settings
 from .ephemeral import Ephemeral
-from .errors import ChatError
+from .errors import ChatError, RateLimited
 from .keys import Keys, UserId
 from .metrics import METRICS
 from .pauses import PausePoints
@@ -52,7 +52,8 @@ class Online:
                 await self.redis.pfadd(self.keys.general_members(), user)
 
         # Two slots (the general room's counter, the user's presence): concurrently.
-        _, first = await concurrently(count_member(), self.presence.start(user, name, session, ttl_ms))
+        limit = self.settings.max_connections_per_user if ws else 0
+        _, first = await concurrently(count_member(), self.presence.start(user, name, session, ttl_ms, limit))
         await self.pauses.point("presence.started")
         if ws and session not in self.local:
             await self.presence.end(user, session)
@@ -112,7 +113,10 @@ class Online:
         for _, sid in missing:
             local = self.local.get(sid)
             if local is not None:
-                await self.started(UserId(local[0]), local[1], sid, True)
+                try:
+                    await self.started(UserId(local[0]), local[1], sid, True)
+                except RateLimited:
+                    pass  # the user has as many sessions elsewhere now; this one stays unlisted
 
     async def sweeper(self) -> None:
         """Loop: users whose sessions all expired (their node died) go offline, announced once."""

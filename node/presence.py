@@ -18,13 +18,23 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from .errors import RateLimited
 from .keys import Keys
 from .protocol import now_ms
 from .redisio import as_str, unavailable_on_redis_errors
 
-# KEYS: sessions, online-index, user-meta.  ARGV: session, expiry_ms, now_ms, name
+# KEYS: sessions, online-index, user-meta.  ARGV: session, expiry_ms, now_ms, name, user,
+# most live WebSocket sessions of the user (0: no limit). -1: refused (that many live already).
 START_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local limit = tonumber(ARGV[6])
+if limit > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then
+  local live = 0
+  for _, s in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if string.sub(s, 1, 2) ~= 'p:' then live = live + 1 end
+  end
+  if live >= limit then return -1 end
+end
 local before = redis.call('ZCARD', KEYS[1])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 86400000)
@@ -128,13 +138,22 @@ class Presence:
         k = self.keys
         return [k.user_sessions(user), k.online_index(k.user_shard(user)), k.user_meta(user)]
 
-    async def start(self, user: str, name: str, session: str, ttl_ms: int | None = None) -> bool:
-        """Register a session; True if it is the user's first live one (they came online)."""
+    async def start(self, user: str, name: str, session: str, ttl_ms: int | None = None,
+                    max_ws_sessions: int = 0) -> bool:
+        """Register a session; True if it is the user's first live one (they came online).
+
+        With ``max_ws_sessions`` (CHAT_MAX_CONNECTIONS_PER_USER) a new WebSocket session is
+        refused (:class:`RateLimited`) when the user already has that many live ones on any node
+        (poll sessions, ``p:...``, do not count): checked and added in one script, so two hellos
+        racing on two nodes cannot both pass."""
         now = now_ms()
         with unavailable_on_redis_errors("presence"):
-            first = await self._start(keys=self._keys(user),
-                                      args=[session, now + (ttl_ms or self.ttl_ms), now, name, user])
-        return bool(int(first))
+            first = int(await self._start(keys=self._keys(user),
+                                          args=[session, now + (ttl_ms or self.ttl_ms), now, name, user,
+                                                max_ws_sessions]))
+        if first < 0:
+            raise RateLimited(f"at most {max_ws_sessions} connections per user", limit="connections_per_user")
+        return bool(first)
 
     async def heartbeat(self, sessions: list[tuple[str, str]], ttl_ms: int | None = None) -> list[tuple[str, str]]:
         """Refresh many (user, session) pairs: one script per user shard and batch of
@@ -229,13 +248,6 @@ class Presence:
                 pipe.hget(self.keys.user_meta(user), "name")
             values = await pipe.execute()
         return {user: as_str(v) for user, v in zip(users, values, strict=True) if v is not None}
-
-    async def live_ws_sessions(self, user: str) -> int:
-        """The user's live WebSocket sessions on every node (poll sessions, ``p:...``, do not
-        count): for CHAT_MAX_CONNECTIONS_PER_USER."""
-        with unavailable_on_redis_errors("sessions"):
-            live = await self.redis.zrangebyscore(self.keys.user_sessions(user), now_ms(), "+inf")
-        return sum(1 for s in live if not as_str(s).startswith("p:"))
 
     async def status(self, user: str) -> tuple[bool, int | None]:
         """(online, last_seen ms or None)."""

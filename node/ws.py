@@ -336,13 +336,17 @@ class WsServer:
             await conn.ws.close(close_code_of(exc), exc.message[:100])
             return False
         try:
-            if not await self._user_has_room(conn, identity, hello.ref):
-                return False
             conn.caller = Caller(identity, conn.id, "ws", conn.sub)
             conn.sub.sink.owner = identity.user
             conn.sub.sink.session = conn.id
+            # CHAT_MAX_CONNECTIONS_PER_USER, cluster-wide, is checked where the session is added.
             await self.online.started(identity.user, identity.name, conn.id, True)
             await self.sessions.open_ws(identity, hello.frame, conn.sub, conn.id)
+        except RateLimited as exc:
+            log.info("hello refused: too many sessions", extra={"conn": conn.id, "user": identity.user})
+            self._reply(conn, refused(hello.ref, exc).encode())
+            conn.close_soon(close_code_of(exc), "too many connections for this user")
+            return False
         except Exception as exc:
             # Redis refusing service (down, restarting, out of memory) gives `unavailable`
             # and 1013: the client retries with backoff. Anything else: 1011, no details.
@@ -355,23 +359,6 @@ class WsServer:
         self._schedule_token_timers(conn, identity)
         log.info("session opened", extra={"conn": conn.id, "user": identity.user})
         return True
-
-    async def _user_has_room(self, conn: Connection, identity: Identity, ref: Any) -> bool:
-        """CHAT_MAX_CONNECTIONS_PER_USER, cluster-wide: the user's live WebSocket sessions on
-        every node are in their session set in Redis (poll sessions, ``p:...``, do not count).
-        Over the limit: a ``rate_limited`` error reply, then close 4003. Soft: two hellos racing
-        on two nodes may both pass; a dead node's sessions count until their TTL runs out."""
-        limit = self.settings.max_connections_per_user
-        if not limit:
-            return True
-        count = await self.presence.live_ws_sessions(identity.user)
-        if count < limit:
-            return True
-        log.info("hello refused: too many sessions", extra={"conn": conn.id, "user": identity.user})
-        exc = RateLimited(f"at most {limit} connections per user", limit="connections_per_user")
-        self._reply(conn, refused(ref, exc).encode())
-        conn.close_soon(close_code_of(exc), "too many connections for this user")
-        return False
 
     # -- token expiry and refresh -----------------------------------------------------------
     def _schedule_token_timers(self, conn: Connection, identity: Identity) -> None:

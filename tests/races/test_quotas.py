@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from .conftest import api, command
+from tests.integration.wire import close_code, raw_connect, recv_json, send_json
+
+from .conftest import api, command, ws_url
 
 
 async def refused(node, user, frame):
@@ -42,3 +45,24 @@ async def test_a_join_held_after_the_checks_cannot_pass_the_room_cap(inproc, red
     assert status == 400 and "full" in reply["error"]["message"], reply
     assert await redis_client.scard(node.keys.room_members(room)) == 2
     assert not await redis_client.sismember(node.keys.user_rooms("first"), room)
+
+
+async def test_hellos_racing_cannot_pass_the_per_user_cap_together(inproc):
+    """CHAT_MAX_CONNECTIONS_PER_USER is counted and added by one script: five hellos of one
+    user at once, on two nodes, give exactly one session."""
+    nodes = [await inproc(CHAT_MAX_CONNECTIONS_PER_USER=1) for _ in range(2)]
+    conns = [await raw_connect(ws_url(nodes[i % 2])) for i in range(5)]
+    await asyncio.gather(*(send_json(ws, {"type": "hello", "user": "solo", "ref": i}) for i, ws in enumerate(conns)))
+
+    async def outcome(ws: Any) -> str:
+        frame = await recv_json(ws, 10)
+        if frame["type"] == "welcome":
+            return "welcome"
+        assert frame["type"] == "reply" and frame["error"]["code"] == "rate_limited", frame
+        assert await close_code(ws) == 4003
+        return "refused"
+
+    results = await asyncio.gather(*(outcome(ws) for ws in conns))
+    assert sorted(results) == ["refused"] * 4 + ["welcome"], results
+    for ws in conns:
+        await ws.close()
