@@ -3,7 +3,7 @@
 Runs a node in this process on a fresh embedded Redis, then counts, from the node's own
 ``chatcluster_redis_command_duration_seconds_count{op}`` (one sample per Redis call or
 pipeline), what each operation costs: a hello of a returning user in 10 rooms with cursors,
-a send from a live session, an empty poll. It also reports the sequential depth of a hello
+a send from a live session, an empty poll, an empty long-poll cycle. It also reports the sequential depth of a hello
 (calls that the code awaits one after the other), which is what its latency is made of.
 
     python -m loadtest.redis_trips [--out loadtest/results/redis-trips-<date>.json]
@@ -89,6 +89,12 @@ async def measure() -> dict[str, Any]:
             status, _ = await api(node, "/api/v1/poll", body, "p")
             assert status == 200
         out["empty_poll_10_rooms"] = per_op(before, counts(), N)
+
+        before = counts()
+        for _ in range(5):  # a long poll that waits 200 ms and times out: one empty cycle
+            status, _ = await api(node, "/api/v1/poll", {**body, "wait_ms": 200}, "p")
+            assert status == 200
+        out["empty_long_poll_cycle_10_rooms"] = per_op(before, counts(), 5)
         await ws.close()
         return out
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 from .auth import Identity
@@ -23,6 +24,8 @@ from .summaries import RoomSummaries
 from .supervise import Jobs
 
 PRESENCE_DEBOUNCE_S = 1.0
+COUNTED_FOR_S = 600.0
+MAX_COUNTED = 100_000
 
 
 class Online:
@@ -38,6 +41,7 @@ class Online:
         self.jobs = jobs
         self.pauses = pauses
         self.local: dict[str, tuple[str, str]] = {}  # WebSocket session id -> (user id, name)
+        self._counted: dict[str, float] = {}  # user -> when last added to the general room's count
 
     async def started(self, user: UserId, name: str, session: str, ws: bool,
                       ttl_ms: int | None = None) -> None:
@@ -48,8 +52,16 @@ class Online:
         if ws:
             self.local[session] = (user, name)
         async def count_member() -> None:
+            # The general room's member count (a HyperLogLog of every user seen): once per user
+            # and node per COUNTED_FOR_S is plenty, not at every poll and hello.
+            now = time.monotonic()
+            if now - self._counted.get(user, -COUNTED_FOR_S) < COUNTED_FOR_S:
+                return
             with unavailable_on_redis_errors("session"):
                 await self.redis.pfadd(self.keys.general_members(), user)
+            if len(self._counted) >= MAX_COUNTED:
+                self._counted.clear()
+            self._counted[user] = now
 
         # Two slots (the general room's counter, the user's presence): concurrently.
         limit = self.settings.max_connections_per_user if ws else 0

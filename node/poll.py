@@ -188,8 +188,9 @@ class Poller:
         out.personal = {"epoch": epoch, "id": newest}
         return events
 
-    async def wait(self, identity: Identity, collected: Collected, wait_ms: int) -> None:
+    async def wait(self, identity: Identity, collected: Collected, wait_ms: int) -> bool:
         """Block until an entry arrives on any of the user's streams, or ``wait_ms`` passes.
+        Returns whether it was woken (an entry, or a drain) rather than timed out.
 
         Uses the node's shard readers (no Redis connection per waiting poll): the waiter joins
         the topics like a socket would. Entries already past the collected cursors when it joins
@@ -228,7 +229,8 @@ class Poller:
                 try:
                     await asyncio.wait_for(waiter.event.wait(), wait_ms / 1000.0)
                 except TimeoutError:
-                    pass
+                    return False
+            return True
         finally:
             self._waiters.discard(waiter)
             for topic in joined:
@@ -266,13 +268,16 @@ class Poller:
             self.waiting[user] += 1
             METRICS.polls_waiting.inc()
             try:
-                await self.wait(identity, collected, wait_ms)
+                woken = await self.wait(identity, collected, wait_ms)
             finally:
                 METRICS.polls_waiting.dec()
                 self.waiting[user] -= 1
                 if self.waiting[user] <= 0:
                     del self.waiting[user]
-            collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
+            # Timed out: no entry reached any of the user's topics (they were joined at or before
+            # the collected cursors), so there is nothing to collect again.
+            if woken:
+                collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
         had_events = bool(collected.events)
         next_ms = next_poll_ms(had_events, interval_ms, focused, s, load)
         METRICS.polls.labels(result="events" if had_events else "empty").inc()
