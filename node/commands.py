@@ -202,6 +202,17 @@ class Commands:
     async def ping(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         return {}
 
+    def ordered_send(self, caller: Caller, frame: dict[str, Any]) -> bool:
+        """Whether ``frame`` is a send that reaches its append with no await before it (a room
+        of the caller's live session, not a text command), so that sends of one connection may
+        be started one after the other without waiting for each other's reply and still be
+        appended in their order (see :mod:`node.autopipe`)."""
+        if frame["type"] != "send" or not self.streams.ordered:
+            return False
+        live, text = caller.live, frame.get("text")
+        return (live is not None and frame.get("room") in live.topics and isinstance(text, str)
+                and not text.startswith("/"))
+
     async def send(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         room = check_room_id(frame["room"])
         text = check_text(frame["text"], self.settings.max_text_chars)

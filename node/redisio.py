@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from .errors import Internal, Unavailable
+from .errors import ChatError, Internal, Unavailable
 from .metrics import METRICS
 
 # Errors that mean "Redis is not reachable right now" rather than "the command is wrong".
@@ -140,31 +140,36 @@ def _instruments(op: str) -> tuple[Any, Any]:
     return found
 
 
+def chat_error_of(exc: BaseException) -> ChatError | None:
+    """The error a client gets for a Redis failure (``None``: not a Redis failure, a bug)."""
+    if isinstance(exc, TRANSIENT):
+        return Unavailable("Redis is unreachable, retry shortly")
+    if isinstance(exc, rexc.ResponseError):
+        if unavailable_reply(exc):
+            return Unavailable("Redis refuses service for now, retry shortly")
+        return Internal("internal error")
+    if isinstance(exc, rexc.RedisError):
+        return Internal("internal error")
+    if isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc):
+        # redis-py's cluster client (8.x) can fail a command during a failover with
+        # "'NoneType' object has no attribute 'writelines'" (a connection it dropped meanwhile):
+        # Redis is in transition, not our bug. Any other AttributeError is a bug and stays one.
+        return Unavailable("Redis is failing over, retry shortly")
+    return None
+
+
 @contextlib.contextmanager
 def unavailable_on_redis_errors(op: str = "command") -> Iterator[None]:
-    """Map transient Redis errors to :class:`Unavailable` and count them."""
+    """Map Redis errors to :class:`Unavailable` (or ``internal``) and count them."""
     latency, errors = _instruments(op)
     start = time.perf_counter()
     try:
         yield
-    except TRANSIENT as exc:
-        errors.inc()
-        raise Unavailable("Redis is unreachable, retry shortly") from exc
-    except rexc.ResponseError as exc:
-        errors.inc()
-        if unavailable_reply(exc):
-            raise Unavailable("Redis refuses service for now, retry shortly") from exc
-        raise Internal("internal error") from exc
-    except rexc.RedisError as exc:
-        errors.inc()
-        raise Internal("internal error") from exc
-    except AttributeError as exc:
-        # redis-py's cluster client (8.x) can fail a command during a failover with
-        # "'NoneType' object has no attribute 'writelines'" (a connection it dropped meanwhile):
-        # Redis is in transition, not our bug. Anything else is a bug and stays one.
-        if "'NoneType' object has no attribute" not in str(exc):
+    except Exception as exc:
+        mapped = chat_error_of(exc)
+        if mapped is None:
             raise
         errors.inc()
-        raise Unavailable("Redis is failing over, retry shortly") from exc
+        raise mapped from exc
     finally:
         latency.observe(time.perf_counter() - start)

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from .autopipe import AppendPipe
 from .durable import DurableAppend
 from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
@@ -122,10 +123,18 @@ class RoomStreams:
         self._append = redis.register_script(APPEND_LUA)
         # CHAT_REDIS_WAIT_REPLICAS: appends followed by WAIT on their connection (node.durable).
         self._durable = DurableAppend(redis, self._append, wait_replicas) if wait_replicas > 0 else None
+        self._pipe = AppendPipe(redis, self._append)
         self._ensure = redis.register_script(ENSURE_ROOM_LUA)
 
+    @property
+    def ordered(self) -> bool:
+        """Appends submitted in order are appended in order without waiting for each other (the
+        auto-pipeline); not with CHAT_REDIS_WAIT_REPLICAS, whose WAIT follows each append."""
+        return self._durable is None
+
     async def aclose(self) -> None:
-        """At shutdown: the per-master clients of CHAT_REDIS_WAIT_REPLICAS."""
+        """At shutdown: the auto-pipeline, and the per-master clients of CHAT_REDIS_WAIT_REPLICAS."""
+        await self._pipe.aclose()
         if self._durable is not None:
             await self._durable.aclose()
 
@@ -184,7 +193,8 @@ class RoomStreams:
         durable: bool | None = None
         with unavailable_on_redis_errors("append"):
             if self._durable is None:
-                status, payload = await self._append(keys=keys, args=args)
+                # Queued synchronously: appends submitted in order are appended in that order.
+                status, payload = await self._pipe.submit(keys, args)
             else:
                 (status, payload), durable = await self._durable(keys, args)
         if int(status) == -1:

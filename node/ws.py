@@ -61,6 +61,10 @@ SLOW_CONSUMER_GRACE_S = 2.0
 # address, up to CHAT_MAX_CONNECTIONS_PER_IP) must not keep the node refusing everyone else.
 SILENT_HELLO_GRACE_S = 2.0
 
+# Sends of one connection started and not yet answered: past this, the connection's reading
+# waits for the oldest (bounded memory; a client cannot queue work without limit).
+MAX_SENDS_IN_FLIGHT = 64
+
 for _limit in LIMITS:  # every series exists from the first scrape
     METRICS.rate_limited.labels(limit=_limit)
 
@@ -73,7 +77,7 @@ class Connection:
     """One WebSocket connection: its protocol state (:class:`ConnectionCore`), its session's
     subscription and the timers and close task it owns; owned by :meth:`WsServer.handler`."""
 
-    __slots__ = ("ws", "id", "sub", "caller", "core", "close_task", "ip", "token_timers")
+    __slots__ = ("ws", "id", "sub", "caller", "core", "close_task", "ip", "token_timers", "inflight")
 
     def __init__(self, ws: ServerConnection, sink: Sink, core: ConnectionCore) -> None:
         self.ws = ws
@@ -84,6 +88,7 @@ class Connection:
         self.close_task: asyncio.Task[None] | None = None
         self.ip = ""
         self.token_timers: list[asyncio.TimerHandle] = []
+        self.inflight: list[asyncio.Task[None]] = []  # sends started, not yet answered (in order)
 
     def cancel_token_timers(self) -> None:
         for timer in self.token_timers:
@@ -257,6 +262,13 @@ class WsServer:
                 self.ip_counts.remove(conn.ip)
             self.connections.discard(conn)
             self.sessions.close_ws(conn.sub)
+            if conn.inflight:  # sends already queued to Redis: let them finish (owned here)
+                try:
+                    async with asyncio.timeout(10):
+                        await asyncio.gather(*conn.inflight, return_exceptions=True)
+                except TimeoutError:
+                    for task in list(conn.inflight):
+                        task.cancel()
             if conn.caller is not None:
                 await self.online.ended(conn.caller.user, conn.caller.identity.name, conn.caller.session_id)
             METRICS.connections_open.labels(transport="ws").dec()
@@ -383,17 +395,33 @@ class WsServer:
         self._schedule_token_timers(conn, identity)
         return {"expires_at": int(identity.expires_at or 0)}
 
+    async def _run(self, conn: Connection, action: Run) -> None:
+        assert conn.caller is not None
+        outcome = await self.commands.execute(conn.caller, action.frame)
+        if not (action.frame["type"] == "typing" and action.ref is None and outcome.ok):
+            self._reply(conn, outcome.encode())  # typing needs no reply unless asked
+
     async def _serve(self, conn: Connection) -> None:
         assert conn.caller is not None
         core = conn.core
+        inflight = conn.inflight
         async for raw in conn.ws:
             if conn.close_task is not None:
                 break
             action = core.receive(raw, time.monotonic())
+            if isinstance(action, Run) and self.commands.ordered_send(conn.caller, action.frame):
+                # Started now, not awaited: the next frame is read at once. Sends started in
+                # order are appended in order (node.autopipe) and answered in order.
+                if len(inflight) >= MAX_SENDS_IN_FLIGHT:
+                    await inflight[0]
+                task = asyncio.get_running_loop().create_task(self._run(conn, action))
+                inflight.append(task)
+                task.add_done_callback(inflight.remove)
+                continue
+            if inflight:  # any other frame waits until the sends before it are answered
+                await asyncio.gather(*inflight, return_exceptions=True)
             if isinstance(action, Run):
-                outcome = await self.commands.execute(conn.caller, action.frame)
-                if not (action.frame["type"] == "typing" and action.ref is None and outcome.ok):
-                    self._reply(conn, outcome.encode())  # typing needs no reply unless asked
+                await self._run(conn, action)
             elif isinstance(action, Refresh):  # the WebSocket's own frame: renew the token
                 try:
                     self._reply(conn, protocol.reply_ok(action.ref, self._refresh(conn, action.frame)))

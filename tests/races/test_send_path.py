@@ -45,3 +45,23 @@ async def test_a_stale_membership_is_refused_by_the_append(inproc, redis_client)
     assert reply["ok"] is False and reply["error"]["code"] == "not_found", reply
     assert await redis_client.xlen(node.keys.room_stream(room)) == 0
     await ws.close()
+
+
+async def test_a_connection_that_sends_without_waiting_keeps_its_order(inproc, redis_client):
+    """500 sends written back to back, without waiting for replies, to two rooms: every one is
+    acked in order, and each room's history has them in the order they were sent."""
+    node = await inproc()
+    room = (await command(node, "bot", {"type": "create_room", "name": "b", "visibility": "open"}))["room"]["id"]
+    ws = await raw_connect(ws_url(node))
+    await hello(ws, "bot")
+    batches = node.streams._pipe.batches
+    for i in range(500):
+        await send_json(ws, {"type": "send", "room": (room, "general")[i % 2], "text": f"n{i}", "ref": i})
+    refs = [(await next_reply(ws, 20))["ref"] for _ in range(500)]
+    assert refs == list(range(500))
+    for j, target in enumerate((room, "general")):
+        entries = await redis_client.xrange(node.keys.room_stream(target))
+        texts = [fields[b"t"].decode() for _, fields in entries]
+        assert texts == [f"n{i}" for i in range(j, 500, 2)]
+    print(f"500 sends in {node.streams._pipe.batches - batches} append round trips")
+    await ws.close()
