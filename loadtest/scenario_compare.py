@@ -249,7 +249,7 @@ class Scenario:
                     log(f"{key} {r['system']}: {_fmt(r['cpu_ms_per_op'], 3)} ms/{r['unit']}, "
                         f"p50/p99 {_fmt(r['p50_ms'])}/{_fmt(r['p99_ms'])} ms, "
                         f"{'kept up' if r['kept_up'] else 'DID NOT KEEP UP'}")
-        first = next((x["doc"] for x in runs if "doc" in x), {})
+        first: dict[str, Any] = next((x["doc"] for x in runs if "doc" in x), {})
         m = first.get("machine", {})
         machine_line = (f"{m.get('nproc')} x {m.get('cpu_model')}, {m.get('mem_total_gib')} GiB, "
                         f"Python {m.get('python')}, load average at start {m.get('loadavg_at_start')}"
