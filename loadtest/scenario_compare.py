@@ -1,8 +1,8 @@
 """Side by side (issue 14): ours, Node.js Socket.IO and python-socketio, every case at one equal
 offered load, in one run, one results file, one plot, one table.
 
-    python -m loadtest.bench compare            # full: 12 s windows (~10-12 min)
-    python -m loadtest.bench compare --quick    # 4 s windows, no retries (~4-5 min)
+    python -m loadtest.bench compare            # full: 12 s windows (~15 min on 2 shared cores)
+    python -m loadtest.bench compare --quick    # 4 s windows, no retries (~6 min)
     python -m loadtest.bench compare --systems ours --cases fanout-500x2,churn-fresh
 
 Each case is the existing scenario, run through its own command line (so ``--json`` of the
@@ -72,7 +72,7 @@ def log(msg: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="short windows (4 s), no retries: ~4-5 minutes on 2 cores")
+                   help="short windows (4 s), no retries: ~6 minutes on 2 shared cores")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help="comma-separated, of ours, nodesio, pysio (default all three; a peer "
                         "that is not installed is left out and said so)")
