@@ -101,23 +101,24 @@ class Sink:
             if self.held_bytes > self.limit:
                 self.overflow()
             return
-        if not self.pending:
-            self.flusher.mark(self)
-        self.pending.append(frame)
-        self.pending_bytes += len(frame)
-        if self.pending_bytes > self.limit:
-            self.overflow()
+        self._queue(frame)
 
     def push_now(self, frame: bytes) -> None:
         """Queue a frame that must not wait behind ``held`` (welcome, replay, replies)."""
         if self.closed:
             return
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
         if not self.pending:
             self.flusher.mark(self)
         self.pending.append(frame)
         self.pending_bytes += len(frame)
         if self.pending_bytes > self.limit:
-            self.overflow()
+            # A burst larger than the buffer within one tick: write it now. What counts against
+            # the limit is what the client has not taken (the transport's buffer), so a client
+            # that reads is never cut off for the size of one burst.
+            self.flush()
 
     def hold(self) -> None:
         self.holding += 1

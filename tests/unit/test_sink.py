@@ -16,6 +16,7 @@ class Transport:
     def __init__(self, broken: bool = False) -> None:
         self.written: list[bytes] = []
         self.broken = broken
+        self.reading = True  # False: the client takes nothing, everything stays buffered
 
     def write(self, data: bytes) -> None:
         if self.broken:
@@ -23,7 +24,7 @@ class Transport:
         self.written.append(data)
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return 0 if self.reading else sum(map(len, self.written))
 
 
 class Ws:
@@ -66,13 +67,29 @@ def test_held_live_frames_follow_the_replay(flusher):
     assert sink.transport.written == [b"welcomereplay", b"live1live2"]
 
 
-def test_overflow_cuts_the_sink_off_once(flusher):
+def test_a_client_that_does_not_read_is_cut_off_once(flusher):
     sink, events = sink_of(flusher, limit=10)
+    sink.transport.reading = False
     sink.push(b"x" * 8)
-    sink.push(b"y" * 8)
+    sink.push(b"y" * 8)  # over the limit within one tick: written at once, and not taken
     sink.push(b"z")
     flusher.flush()
-    assert events == ["overflow"] and sink.closed and sink.transport.written == []
+    assert events == ["overflow"] and sink.closed and sink.transport.written == [b"x" * 8 + b"y" * 8]
+
+
+def test_a_burst_larger_than_the_buffer_reaches_a_client_that_reads(flusher):
+    sink, events = sink_of(flusher, limit=10)
+    for part in (b"x" * 8, b"y" * 8, b"z"):
+        sink.push(part)
+    flusher.flush()
+    assert events == [] and b"".join(sink.transport.written) == b"x" * 8 + b"y" * 8 + b"z"
+
+
+def test_held_frames_over_the_limit_cut_the_sink_off(flusher):
+    sink, events = sink_of(flusher, limit=10)
+    sink.hold()
+    sink.push(b"x" * 11)
+    assert events == ["overflow"] and sink.closed
 
 
 def test_a_broken_sink_does_not_stop_the_others(flusher):
