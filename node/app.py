@@ -90,8 +90,7 @@ class Node:
 
         # sessions and commands
         self.summaries = RoomSummaries(s, redis, keys, self.rooms, self.streams, self.presence)
-        self.online = Online(s, redis, keys, self.presence, self.rooms, self.ephemeral, self.summaries,
-                             self.jobs, pauses)
+        self.online = Online(s, redis, keys, self.presence, self.rooms, self.ephemeral, self.jobs, pauses)
         self.opener = SessionOpener(s, self.rooms, self.streams, self.personal, self.summaries, pauses)
         self.sessions = Sessions(s, keys, self.fanout, self.streams, self.rooms, self.personal,
                                  self.summaries, self.opener, self.jobs, pauses)

@@ -20,7 +20,6 @@ from .pauses import PausePoints
 from .presence import Presence
 from .redisio import concurrently, unavailable_on_redis_errors
 from .rooms import Rooms
-from .summaries import RoomSummaries
 from .supervise import Jobs
 
 PRESENCE_DEBOUNCE_S = 1.0
@@ -30,14 +29,13 @@ MAX_COUNTED = 100_000
 
 class Online:
     def __init__(self, settings: Settings, redis: Any, keys: Keys, presence: Presence, rooms: Rooms,
-                 ephemeral: Ephemeral, summaries: RoomSummaries, jobs: Jobs, pauses: PausePoints) -> None:
+                 ephemeral: Ephemeral, jobs: Jobs, pauses: PausePoints) -> None:
         self.settings = settings
         self.redis = redis
         self.keys = keys
         self.presence = presence
         self.rooms = rooms
         self.ephemeral = ephemeral
-        self.summaries = summaries
         self.jobs = jobs
         self.pauses = pauses
         self.local: dict[str, tuple[str, str]] = {}  # WebSocket session id -> (user id, name)
@@ -101,8 +99,9 @@ class Online:
         rooms = await self.rooms.user_rooms(UserId(user))
         counts = await self.rooms.member_counts(list(rooms))
         small: list[str] = [r for r in rooms if counts.get(r, 0) <= self.settings.presence_room_limit]
-        for room in small:  # a big room's count is throttled; recomputing it is O(members)
-            self.summaries.forget(room)
+        # The cached online counts are not dropped here: a count costs O(members) to compute,
+        # and under session churn every transition would make every hello recompute it. They
+        # are advisory and at most ONLINE_CACHE_S old; clients follow presence events anyway.
         await self.ephemeral.presence(small, user, name, status)
 
     async def heartbeats(self) -> None:

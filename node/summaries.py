@@ -2,8 +2,8 @@
 and online counts; and the node's cache of online counts, with the throttled online counts
 sent to big rooms.
 
-Online counts are advisory and cost O(members) in Redis for a big room, so they are cached per
-node and shared by concurrent callers; presence transitions drop a small room's entry.
+Online counts are advisory and cost O(members) in Redis, so they are cached per node (a few
+seconds) and shared by concurrent callers; clients follow presence events between them.
 """
 
 from __future__ import annotations
@@ -41,10 +41,6 @@ class RoomSummaries:
         self.presence = presence
         self._online_cache: dict[str, tuple[float, int]] = {}
         self._online_pending: dict[str, asyncio.Future[int]] = {}
-
-    def forget(self, room: str) -> None:
-        """A presence transition in a small room: its count is recomputed when next asked."""
-        self._online_cache.pop(room, None)
 
     async def online_count(self, room: str, members: int = 0) -> int:
         """Online members of a room, cached per node (counts are advisory).
