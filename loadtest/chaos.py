@@ -484,7 +484,7 @@ def code_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+                                  timeout=10).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
