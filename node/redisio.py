@@ -106,8 +106,10 @@ def unavailable_reply(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Redis is unreachable or refuses service for now: retry later, it is nobody's bug."""
-    return isinstance(exc, TRANSIENT) or unavailable_reply(exc) or isinstance(exc, Unavailable)
+    """Redis is unreachable, moved (failover, slot migration) or refuses service for now: retry
+    later, it is nobody's bug."""
+    return (isinstance(exc, (*TRANSIENT, *TOPOLOGY)) or unavailable_reply(exc)
+            or isinstance(exc, Unavailable) or isinstance(chat_error_of(exc), Unavailable))
 
 
 def connect_server(host: str, port: int, block_ms: int, password: str | None = None) -> aioredis.Redis:
@@ -150,10 +152,12 @@ def chat_error_of(exc: BaseException) -> ChatError | None:
         return Internal("internal error")
     if isinstance(exc, rexc.RedisError):
         return Internal("internal error")
-    if isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc):
+    if (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)) or (
+            isinstance(exc, RuntimeError) and "unable to perform operation on" in str(exc)):
         # redis-py's cluster client (8.x) can fail a command during a failover with
-        # "'NoneType' object has no attribute 'writelines'" (a connection it dropped meanwhile):
-        # Redis is in transition, not our bug. Any other AttributeError is a bug and stays one.
+        # "'NoneType' object has no attribute 'writelines'" or "unable to perform operation on
+        # <TCPTransport closed=True>" (a connection it dropped meanwhile): Redis is in
+        # transition, not our bug. Any other AttributeError or RuntimeError is a bug.
         return Unavailable("Redis is failing over, retry shortly")
     return None
 
