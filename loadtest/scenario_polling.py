@@ -55,6 +55,25 @@ WRITE_COMMANDS = ("evalsha", "xadd", "hincrby", "hexists", "hset", "set", "scrip
 DEFAULT_NODE_ENV = "CHAT_HTTP_RATE_PER_S=1000000,CHAT_HTTP_RATE_BURST=1000000"
 
 
+
+def take_message(st: Any, c: Any, e: dict[str, Any], arrive: float) -> None:
+    """Count one received message of a poller: duplicates, gaps (by seq), deliveries and the
+    latency of messages scheduled in the window (their text starts with MAGIC_PREFIX)."""
+    seq = e["seq"]
+    if seq <= c.last_seq:
+        st.dups += 1
+        return
+    if seq > c.last_seq + 1:
+        st.gaps += seq - c.last_seq - 1
+    c.last_seq = seq
+    if st.w0 <= arrive < st.w1:
+        st.delivered += 1
+    text = e.get("text", "")
+    if text.startswith(MAGIC_PREFIX):
+        sched = int(text[len(MAGIC_PREFIX):text.index(" ")])
+        if st.w0 <= sched < st.w1:
+            st.latencies.append(arrive - sched)
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pollers", type=int, default=1000, help="polling clients (and as many "
                    "WebSocket clients for the comparison)")
@@ -207,20 +226,7 @@ class PollWorker:
                 if e.get("type") != "message" or e.get("room") != c.room:
                     st.other_events += 1
                     continue
-                seq = e["seq"]
-                if seq <= c.last_seq:
-                    st.dups += 1
-                    continue
-                if seq > c.last_seq + 1:
-                    st.gaps += seq - c.last_seq - 1
-                c.last_seq = seq
-                if st.w0 <= arrive < st.w1:
-                    st.delivered += 1
-                text = e.get("text", "")
-                if text.startswith(MAGIC_PREFIX):
-                    sched = int(text[len(MAGIC_PREFIX):text.index(" ")])
-                    if st.w0 <= sched < st.w1:
-                        st.latencies.append(arrive - sched)
+                take_message(st, c, e, arrive)
             c.cursors, c.personal, c.interval = data["cursors"], data["personal"], data["next_poll_ms"]
             st.next_poll_sum += c.interval
             if mode != "long":  # short and long-paced honour next_poll_ms, as chatcluster.js does
@@ -354,20 +360,7 @@ class EioPollWorker(PollWorker):
                     continue
                 got = True
                 e = orjson.loads(pkt[2:])[1]
-                seq = e["seq"]
-                if seq <= c.last_seq:
-                    st.dups += 1
-                    continue
-                if seq > c.last_seq + 1:
-                    st.gaps += seq - c.last_seq - 1
-                c.last_seq = seq
-                if st.w0 <= arrive < st.w1:
-                    st.delivered += 1
-                text = e.get("text", "")
-                if text.startswith(MAGIC_PREFIX):
-                    sched = int(text[len(MAGIC_PREFIX):text.index(" ")])
-                    if st.w0 <= sched < st.w1:
-                        st.latencies.append(arrive - sched)
+                take_message(st, c, e, arrive)
             if not got:
                 st.empty += 1
 
