@@ -77,7 +77,8 @@ class Connection:
     """One WebSocket connection: its protocol state (:class:`ConnectionCore`), its session's
     subscription and the timers and close task it owns; owned by :meth:`WsServer.handler`."""
 
-    __slots__ = ("ws", "id", "sub", "caller", "core", "close_task", "ip", "token_timers", "inflight")
+    __slots__ = ("ws", "id", "sub", "caller", "core", "close_task", "ip", "token_timers", "inflight",
+                 "ended")
 
     def __init__(self, ws: ServerConnection, sink: Sink, core: ConnectionCore) -> None:
         self.ws = ws
@@ -89,6 +90,7 @@ class Connection:
         self.ip = ""
         self.token_timers: list[asyncio.TimerHandle] = []
         self.inflight: list[asyncio.Task[None]] = []  # sends started, not yet answered (in order)
+        self.ended = False  # the handler is finishing: no close task may be started any more
 
     def cancel_token_timers(self) -> None:
         for timer in self.token_timers:
@@ -101,7 +103,7 @@ class Connection:
         The close frame is written at once; if the handshake has not finished ``abort_after``
         seconds later (default: just after the connection's close timeout), the socket is aborted.
         """
-        if self.close_task is None:
+        if self.close_task is None and not self.ended:
             if abort_after is None:  # leave the normal case to websockets' own close timeout
                 abort_after = (self.ws.close_timeout or 10.0) + 1.0
             grace = abort_after
@@ -272,6 +274,7 @@ class WsServer:
             if conn.caller is not None:
                 await self.online.ended(conn.caller.user, conn.caller.identity.name, conn.caller.session_id)
             METRICS.connections_open.labels(transport="ws").dec()
+            conn.ended = True  # a later close_soon (a drain timer) starts no task nobody awaits
             if conn.close_task is not None:
                 try:
                     await conn.close_task
