@@ -12,27 +12,12 @@ import asyncio
 import signal
 
 import pytest
-import redis
-from redis.crc import key_slot
 
 from node.keys import Keys
 
-from .wire import receive_until
+from .wire import master_port_of, receive_until
 
 pytestmark = pytest.mark.cluster_only
-
-
-def master_port_of(port: int, key: str) -> int:
-    """The port of the master serving ``key``'s slot, asked of the node on ``port``."""
-    client = redis.Redis(port=port)
-    try:
-        slot = key_slot(key.encode())
-        for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
-            if start <= slot <= end:
-                return int(master[1])
-    finally:
-        client.close()
-    raise AssertionError("slot not covered")
 
 
 async def test_master_killed_and_replica_promoted_loses_nothing_silently(start_nodes, clients, redis_server):

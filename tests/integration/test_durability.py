@@ -18,13 +18,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 
 from node.client import ChatClient, ChatClientError
 from node.embedded import Proc, start_redis
 from node.keys import Keys
 
-from .wire import metric, receive_until
+from .wire import master_port_of, metric, receive_until
 
 GENERAL_STREAM = Keys(16).room_stream("general")
 SHORT = "chatcluster_wait_replicas_short_total"
@@ -50,19 +49,6 @@ async def wait_online_replicas(port: int, n: int = 1, timeout: float = 30.0) -> 
             return ports
         await asyncio.sleep(0.1)
     raise AssertionError(f"no {n} online replica(s) of {port} within {timeout}s")
-
-
-def master_port_of(port: int, key: str) -> int:
-    """The port of the master serving ``key``'s slot, asked of the node on ``port``."""
-    client = redis.Redis(port=port, socket_timeout=2)
-    try:
-        slot = key_slot(key.encode())
-        for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
-            if start <= slot <= end:
-                return int(master[1])
-    finally:
-        client.close()
-    raise AssertionError("slot not covered")
 
 
 async def timed_send(client: ChatClient, text: str) -> tuple[dict[str, Any], float]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 import orjson
+import redis
+from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -222,3 +224,16 @@ async def receive_until(client: ChatClient, room: str, last_id: str, within: flo
         elif event["type"] == "welcome" and event.get("recovered", {}).get(room) is False:
             reported = True
     return ids, reported
+
+
+def master_port_of(port: int, key: str) -> int:
+    """The port of the master serving ``key``'s slot, asked of the node on ``port``."""
+    client = redis.Redis(port=port, socket_timeout=2)
+    try:
+        slot = key_slot(key.encode())
+        for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+            if start <= slot <= end:
+                return int(master[1])
+    finally:
+        client.close()
+    raise AssertionError("slot not covered")
