@@ -55,28 +55,64 @@ def contexts(browser: Any) -> Iterator[Any]:
 
 
 class Frames:
-    """Message ids a page received over WebSocket or polling (events, replays, history)."""
+    """Message ids a page received over WebSocket or polling (events, replays, history).
+
+    Two independent witnesses: Playwright's network events (``ids``) and a listener the page's
+    own WebSocket gets before the app's (``page_ids``). Either can drop a frame now and then
+    (Playwright's frame events under load, the page's binding call while the page unloads),
+    so a message counts as received when either saw it, and as received twice when one of them
+    saw it twice.
+    """
+
+    HOOK = """(() => {
+      const W = window.WebSocket;
+      if (!W || W.__ccWatched) return;
+      class Watched extends W {
+        constructor(...args) {
+          super(...args);
+          this.addEventListener("message", (e) => {
+            if (typeof e.data === "string") { try { window.__ccFrame(e.data); } catch (_) {} }
+          });
+        }
+      }
+      Watched.__ccWatched = true;
+      window.WebSocket = Watched;
+    })();"""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
+        self.page_ids: list[str] = []
+        self._watched: set[int] = set()
 
-    def take(self, data: Any) -> None:
+    def take(self, data: Any, into: list[str] | None = None) -> None:
+        into = self.ids if into is None else into
         if isinstance(data, list):
             for item in data:
-                self.take(item)
+                self.take(item, into)
             return
         if not isinstance(data, dict):
             return
         if data.get("type") == "message" and "id" in data:
-            self.ids.append(data["id"])
+            into.append(data["id"])
         if data.get("type") == "reply" and isinstance(data.get("data"), dict):
             for m in data["data"].get("messages", []) or []:
-                self.ids.append(m["id"])
+                into.append(m["id"])
         for key in ("events",):
             if isinstance(data.get(key), list):
-                self.take(data[key])
+                self.take(data[key], into)
+
+    def received(self) -> set[str]:
+        return set(self.ids) | set(self.page_ids)
+
+    def twice(self) -> set[str]:
+        return ({i for i in self.ids if self.ids.count(i) > 1}
+                | {i for i in self.page_ids if self.page_ids.count(i) > 1})
 
     def watch(self, page: Any) -> None:
+        if id(page) in self._watched:
+            return
+        self._watched.add(id(page))
+
         def on_ws(ws: Any) -> None:
             ws.on("framereceived", lambda payload: self.take(_loads(payload)))
 
@@ -89,6 +125,8 @@ class Frames:
 
         page.on("websocket", on_ws)
         page.on("response", on_response)
+        page.expose_function("__ccFrame", lambda payload: self.take(_loads(payload), self.page_ids))
+        page.add_init_script(self.HOOK)
 
 
 def _loads(payload: Any) -> Any:
