@@ -179,6 +179,7 @@ class Node:
             # failover, gone): logged once per cause per interval, counted, retried.
             for name, body in (("watch-redis", self.recovery.watch_redis), ("loop-lag", self._watch_loop_lag),
                                ("heartbeats", self.online.heartbeats), ("presence-sweeper", self.online.sweeper),
+                               ("poll-cache-sweeper", self.poller.sweeper),
                                ("room-counts", lambda: self.summaries.room_counts(self.fanout))):
                 tasks.append(tg.create_task(supervise(name, body, self.errors), name=name))
             ws_server = await serve(

@@ -245,6 +245,9 @@ class Settings:
     max_polls_per_user: int = setting("CHAT_MAX_POLLS_PER_USER", int, 4,
         "Long polls (wait_ms > 0) of one user waiting at once on one node; more get 429 (0 = "
         "off)", _non_negative)
+    poll_cache_users: int = setting("CHAT_POLL_CACHE_USERS", int, 20000,
+        "Polling users whose rooms and positions a node keeps between polls, so that an idle "
+        "poll reads nothing from Redis (0 = off)", _non_negative)
     max_json_depth: int = setting("CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
         "Deepest nesting of a command frame (the frame object is level 1)", lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64")
     personal_maxlen: int = setting("CHAT_PERSONAL_MAXLEN", int, 500,

@@ -49,7 +49,7 @@ def _encode_message(topic: Topic, sid: str, fields: dict[bytes, bytes]) -> bytes
 class Topic:
     """A stream key this node reads because local sessions subscribe to it."""
 
-    __slots__ = ("key", "shard", "name", "pos", "sinks", "encoder", "epoch", "kind", "seq", "meta")
+    __slots__ = ("key", "shard", "name", "pos", "sinks", "encoder", "epoch", "kind", "seq", "meta", "pins")
 
     def __init__(self, key: str, shard: int, name: str, pos: str, encoder: Encoder,
                  epoch: str, kind: str, seq: int = -1, meta: RoomMeta | None = None) -> None:
@@ -66,6 +66,10 @@ class Topic:
         # entries were lost between two reads: the sinks are told (recovered: false).
         self.seq = seq
         self.meta = meta
+        # Holders that keep the topic read with no sink (a polling client between two polls,
+        # see node.poll.PollCache): the node's position stays known, so an idle poll needs
+        # no Redis read to know nothing happened.
+        self.pins = 0
 
     def deliver(self, entries: list[Entry], now_ms: float) -> int:
         """Encode each entry once and queue it to every sink. Returns the deliveries made."""
@@ -326,7 +330,16 @@ class Fanout:
 
     def unsubscribe(self, topic: Topic, sink: Sink) -> None:
         topic.sinks.discard(sink)
-        if not topic.sinks and self.topics.get(topic.key) is topic:
+        if not topic.sinks and not topic.pins and self.topics.get(topic.key) is topic:
+            self.remove(topic)
+
+    def pin(self, topic: Topic) -> None:
+        """Keep reading ``topic`` while nobody subscribes to it, until :meth:`unpin`."""
+        topic.pins += 1
+
+    def unpin(self, topic: Topic) -> None:
+        topic.pins -= 1
+        if topic.pins <= 0 and not topic.sinks and self.topics.get(topic.key) is topic:
             self.remove(topic)
 
     def remove(self, topic: Topic) -> None:

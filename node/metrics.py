@@ -34,7 +34,10 @@ HANDSHAKE_REJECTIONS = ("origin", "draining", "full", "overloaded", "timeout", "
 PROTOCOL_ERRORS = ("binary", "malformed", "before_hello")
 # Background work that survived a failed iteration (node.supervise): task names are code literals.
 BACKGROUND_TASKS = ("heartbeats", "presence-sweeper", "room-counts", "watch-redis", "loop-lag",
-                    "shard-reader", "fanout-dispatch", "flush", "job")
+                    "shard-reader", "fanout-dispatch", "flush", "job", "webhooks", "poll-cache-sweeper")
+
+# Webhook events by outcome (node.webhooks).
+WEBHOOK_RESULTS = ("delivered", "retried", "dropped", "gone")
 
 
 class Metrics:
@@ -93,6 +96,10 @@ class Metrics:
             "chatcluster_protocol_errors_total", "Malformed client frames, by kind", ["kind"], registry=r)
         self.polls = Counter(
             "chatcluster_polls_total", "HTTP polls, by result", ["result"], registry=r)
+        self.poll_cache = Counter(
+            "chatcluster_poll_cache_total",
+            "Polls answered from the node's own positions (hit: no Redis read) or collected from Redis (miss)",
+            ["result"], registry=r)
         self.next_poll = Histogram(
             "chatcluster_next_poll_seconds", "next_poll_ms handed to polling clients, in seconds",
             buckets=(1, 2, 5, 10, 15, 20, 30, 60), registry=r)

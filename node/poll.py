@@ -13,6 +13,7 @@ snaps back to the minimum on activity (PROTOCOL.md section 3):
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,9 @@ class Collected:
     metas: dict[str, Any] = field(default_factory=dict)
 
 
+POLL_CACHE_SWEEP_S = 5.0
+
+
 class PollWaiter:
     """A sink-shaped object that wakes a long poll when any of its topics gets an entry."""
 
@@ -87,6 +91,97 @@ class PollWaiter:
         self.event.set()
 
 
+@dataclass(slots=True)
+class PollState:
+    """What the node learnt from a user's last full poll, kept while the user keeps polling."""
+
+    metas: dict[str, Any]
+    topics: list[Topic]  # the rooms' topics then the personal one, pinned while the state lives
+    personal_epoch: str
+    personal_pos: str  # the personal topic's position then: a newer entry may change the rooms
+    expires: float
+
+
+class PollCache:
+    """The rooms, epochs and stream positions behind a user's polls, so that a poll that finds
+    nothing new costs no Redis read (PROTOCOL.md 3; issue 14).
+
+    After a full poll the node pins the topics of the user's rooms and personal stream (it keeps
+    reading them with no sink) until a little after the next poll is due. A poll whose cursors
+    equal those topics' positions, with no personal entry since (membership changes arrive there
+    first), has nothing to collect: it waits on the topics at once. Anything else -- a cursor
+    from another node, a room without a cursor, an entry since, an expired or evicted state --
+    takes the full path, which rebuilds the state. Bounded by CHAT_POLL_CACHE_USERS (oldest out).
+    """
+
+    def __init__(self, fanout: Fanout, max_users: int) -> None:
+        self.fanout = fanout
+        self.max_users = max_users
+        self.states: dict[str, PollState] = {}
+
+    def remember(self, user: str, collected: Collected, personal_topic: Topic, ttl_s: float) -> list[Topic]:
+        """Keep ``collected``'s rooms for ``user``; returns the topics this created (the caller
+        makes their readers pick them up)."""
+        fresh: list[Topic] = []
+        topics: list[Topic] = []
+        for room, meta in collected.metas.items():
+            topic, is_new = self.fanout.add_room_topic(room, meta)
+            if is_new:
+                fresh.append(topic)
+            topics.append(topic)
+        topics.append(personal_topic)
+        for topic in topics:
+            self.fanout.pin(topic)
+        self.forget(user)
+        self.states[user] = PollState(collected.metas, topics, collected.personal["epoch"],
+                                      personal_topic.pos, time.monotonic() + ttl_s)
+        while len(self.states) > self.max_users:
+            self.forget(next(iter(self.states)))
+        return fresh
+
+    def forget(self, user: str) -> None:
+        state = self.states.pop(user, None)
+        if state is not None:
+            for topic in state.topics:
+                self.fanout.unpin(topic)
+
+    def idle(self, user: str, raw_cursors: Any, raw_personal: Any, ttl_s: float) -> Collected | None:
+        """The collection of a poll that has nothing new, if the node knows that without Redis;
+        ``None`` when it does not (take the full path)."""
+        state = self.states.get(user)
+        now = time.monotonic()
+        if state is None:
+            return None
+        if state.expires < now:
+            self.forget(user)
+            return None
+        personal = state.topics[-1]
+        pcursor = parse_cursor(raw_personal)
+        if (pcursor is None or self.fanout.get(personal.key) is not personal
+                or personal.pos != state.personal_pos or pcursor != (state.personal_epoch, personal.pos)):
+            return None
+        cursors = parse_cursors(raw_cursors)
+        if cursors.keys() != state.metas.keys():
+            return None
+        out = Collected(personal={"epoch": state.personal_epoch, "id": personal.pos},
+                        personal_last=personal.pos, metas=state.metas)
+        for topic in state.topics[:-1]:
+            if self.fanout.get(topic.key) is not topic or cursors[topic.name] != (topic.epoch, topic.pos):
+                return None
+            out.cursors[topic.name] = {"epoch": topic.epoch, "id": topic.pos}
+        state.expires = now + ttl_s
+        return out
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        for user in [u for u, st in self.states.items() if st.expires < now]:
+            self.forget(user)
+
+    def clear(self) -> None:
+        for user in list(self.states):
+            self.forget(user)
+
+
 class Poller:
     def __init__(self, settings: Settings, rooms: Rooms, streams: RoomStreams, personal: PersonalStreams,
                  fanout: Fanout, sessions: Sessions, opener: SessionOpener, online: Online,
@@ -104,6 +199,7 @@ class Poller:
         # request, a waiter on the user's topics and up to 25 s of the node's attention.
         self.waiting: Counter[str] = Counter()
         self._waiters: set[PollWaiter] = set()
+        self.cache = PollCache(fanout, settings.poll_cache_users)
 
     async def collect(self, identity: Identity, raw_cursors: Any, raw_personal: Any,
                       limit_per_room: int) -> Collected:
@@ -236,10 +332,25 @@ class Poller:
             for topic in joined:
                 self.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
 
+    async def _remember(self, user: str, collected: Collected, keep_s: float) -> None:
+        ptopic, is_new = self.sessions.personal_topic(user, collected.personal_last, collected.personal["epoch"])
+        fresh = self.cache.remember(user, collected, ptopic, keep_s)
+        if is_new:
+            fresh.append(ptopic)
+        for topic in fresh:
+            await self.fanout.reader_of(topic).interrupt(topic.key)
+
     def wake_all(self) -> None:
         """Answer every waiting long poll now (the node is draining)."""
+        self.cache.clear()
         for waiter in list(self._waiters):
             waiter.event.set()
+
+    async def sweeper(self) -> None:
+        """Loop: stop reading the rooms of users who stopped polling."""
+        while True:
+            await asyncio.sleep(POLL_CACHE_SWEEP_S)
+            self.cache.sweep()
 
     async def poll(self, identity: Identity, body: dict[str, Any], session: str) -> dict[str, Any]:
         s = self.settings
@@ -260,9 +371,21 @@ class Poller:
         # now, so the heartbeat goes to Redis together with the first read, not after.
         load = self.status.load_factor()
         latest_ms = wait_ms + next_poll_ms(False, interval_ms, focused, s, load)
-        collected, _ = await concurrently(
-            self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit),
-            self.online.poll_heartbeat(identity, session, latest_ms))
+        # The node keeps what this poll learnt until a little after the next one is due.
+        keep_s = latest_ms / 1000.0 + s.presence_ttl
+        idle = self.cache.idle(user, body.get("cursors"), body.get("personal"), keep_s) \
+            if s.poll_cache_users else None
+        if idle is not None:
+            METRICS.poll_cache.labels(result="hit").inc()
+            collected = idle
+            await self.online.poll_heartbeat(identity, session, latest_ms)
+        else:
+            collected, _ = await concurrently(
+                self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit),
+                self.online.poll_heartbeat(identity, session, latest_ms))
+            if s.poll_cache_users:
+                METRICS.poll_cache.labels(result="miss").inc()
+                await self._remember(user, collected, keep_s)
         METRICS.presence_heartbeats.inc()
         if not collected.events and wait_ms > 0 and not self.status.draining:
             self.waiting[user] += 1
@@ -278,6 +401,8 @@ class Poller:
             # the collected cursors), so there is nothing to collect again.
             if woken:
                 collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
+                if s.poll_cache_users:
+                    await self._remember(user, collected, keep_s)
         had_events = bool(collected.events)
         next_ms = next_poll_ms(had_events, interval_ms, focused, s, load)
         METRICS.polls.labels(result="events" if had_events else "empty").inc()

@@ -7,6 +7,8 @@ from typing import Any
 
 import aiohttp
 
+from .wire import metric
+
 
 class Poller:
     """A minimal polling client speaking PROTOCOL.md section 3, alternating between nodes."""
@@ -208,3 +210,54 @@ async def test_typing_and_presence_do_not_wake_a_long_poll(start_nodes, clients)
         await typist.send("general", "now wake up")
         events = await asyncio.wait_for(waiting, 10)
         assert [e.get("text") for e in events] == ["now wake up"], events
+
+
+async def redis_reads(http_url: str) -> dict[str, float]:
+    """Redis calls a poll makes to collect (the room metadata is left out: a shard reader that
+    starts reads it once, asynchronously, for its rooms)."""
+    return {op: await metric(http_url, f'chatcluster_redis_command_duration_seconds_count{{op="{op}"}}')
+            for op in ("user_rooms", "personal", "replay")}
+
+
+async def test_an_idle_poll_reads_nothing_from_redis_and_still_sees_every_change(start_nodes, clients):
+    a, b = start_nodes(2)
+    owner = await clients(b.ws_url, user="owner")
+    room = (await owner.request("create_room", name="side", visibility="closed"))["room"]["id"]
+    await owner.request("create_room", name="shared", visibility="closed", members=["idle"])
+    async with aiohttp.ClientSession() as http:
+        poller = Poller(http, [a.http_url], "idle")
+        await poller.start()
+        # The debounced "online" announcement reads the user's rooms once: let it happen first.
+        while (await owner.next_event("presence")).get("user", {}).get("id") != "idle":
+            pass
+        assert await poller.poll() == []  # collected from Redis: the node keeps what it learnt
+        hits = await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}')
+        reads = await redis_reads(a.http_url)
+        for _ in range(4):
+            assert await poller.poll() == []
+        assert await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}') == hits + 4
+        assert await redis_reads(a.http_url) == reads
+
+        # A message: the node's position is past the cursor, the poll collects it.
+        await owner.send("general", "news")
+        waiting = await poller.poll(wait_ms=10000)
+        assert [e.get("text") for e in waiting] == ["news"]
+        # A membership change made on the other node reaches the idle poller (personal event),
+        # and the new room's messages follow.
+        await owner.request("invite", room=room, user="idle")
+        events = await poller.poll(wait_ms=10000)
+        assert [(e["type"], e.get("change")) for e in events] == [("room", "added")]
+        assert room in poller.cursors
+        behind = dict(poller.cursors)
+        await owner.send(room, "in the side room")
+        events = await poller.poll(wait_ms=10000)
+        assert [e.get("text") for e in events] == ["in the side room"]
+        # Idle again, now in two rooms: answered from the node's positions.
+        hits = await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}')
+        assert await poller.poll() == []
+        assert await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}') == hits + 1
+        # A cursor behind the node's position (a client back from another node) is never
+        # answered from the cache.
+        poller.cursors = behind
+        events = await poller.poll()
+        assert [e.get("text") for e in events] == ["in the side room"]
