@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .auth import Identity
 from .errors import BadRequest, ChatError, Internal, RateLimited, error_body
 from .keys import GENERAL, UserId
+from .mentions import Mentions
 from .metrics import METRICS
 from .protocol import (
     CMID_RE,
@@ -28,6 +29,8 @@ from .protocol import (
     ref_of,
 )
 from .ratelimit import KeyedBuckets
+from .redisio import concurrently
+from .roles import Roles
 from .streams import NotMember
 from .unread import unread_count
 
@@ -153,7 +156,12 @@ class Commands:
             "where": self.where,
             "read": self.read,
             "typing": self.typing,
+            "set_role": self.set_role,
+            "kick": self.kick,
         }
+        # v1.1 roles, kicks and mentions (their own modules; Redis handles shared with rooms).
+        self.roles = Roles(rooms.redis, rooms.keys)
+        self.mentions = Mentions(rooms.redis, rooms.keys, settings.personal_maxlen)
         self._typing_seen: dict[tuple[str, str], float] = {}
         s = settings
         # create_room per user, per node, whatever the transport.
@@ -235,11 +243,30 @@ class Commands:
                 await self.rooms.require_reader(caller.user, room)  # the precise refusal
                 raise
         else:
-            await self.rooms.require_reader(caller.user, room)
-            appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid)
+            acc = await self.rooms.require_reader(caller.user, room)
+            # The script re-checks the membership: a kick landing after the check above
+            # refuses the append instead of letting the message in after the removal.
+            try:
+                appended = await self.rooms.publish(room, caller.user, caller.identity.name, text, cmid,
+                                                    check_member=acc.meta.kind != "general")
+            except NotMember:
+                await self.rooms.require_reader(caller.user, room)
+                raise
+        if not appended.duplicate and "@" in text:
+            await self._mentions(caller, room, appended.id, appended.seq, text)
         return {"id": appended.id, "seq": appended.seq, "ts": appended.ts,
                 **({"duplicate": True} if appended.duplicate else {}),
                 **({} if appended.durable is None else {"durable": appended.durable})}
+
+    async def _mentions(self, caller: Caller, room: str, sid: str, seq: int, text: str) -> None:
+        """Count a stored message for the members it mentions. The message stands whatever
+        happens here: a failure is logged (throttled) and the counts may miss it."""
+        try:
+            meta = None if room == GENERAL else await self.streams.meta(room)
+            await self.mentions.record(room, meta.name if meta else "General", seq, sid, caller.user,
+                                       caller.identity.name, text)
+        except ChatError as exc:
+            self.errors.error("mentions", exc)
 
     async def history(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         room = check_room_id(frame["room"])
@@ -285,6 +312,7 @@ class Commands:
     async def leave(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         meta = await self.rooms.leave(caller.user, frame["room"])
         await self.sessions.left(caller.user, caller.live, meta.room)
+        await concurrently(self.roles.forget(meta.room, caller.user), self.mentions.forget(caller.user, meta.room))
         return {}
 
     async def invite(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
@@ -349,11 +377,19 @@ class Commands:
         acc = await self.rooms.require_reader(caller.user, room)
         seq = await self.streams.seq_at(room, sid, acc.meta)
         read_id, read_seq = await self.unread.mark(caller.user, room, sid, seq)
-        meta = await self.streams.meta(room) or acc.meta
+        fresh, mentions = await concurrently(self.streams.meta(room), self.mentions.count(caller.user, room, read_seq))
+        meta = fresh or acc.meta
         unread = unread_count(meta.seq, f"{read_id} {read_seq}")
-        await self.personal.publish(caller.user, {"type": "unread", "room": room, "unread": unread,
-                                                  "read_id": read_id})
-        return {"unread": unread, "read_id": read_id}
+        await concurrently(
+            self.personal.publish(caller.user, {"type": "unread", "room": room, "unread": unread,
+                                                "read_id": read_id, "mentions": mentions}),
+            self._receipt(caller, room, meta.kind, read_id))
+        return {"unread": unread, "read_id": read_id, "mentions": mentions}
+
+    async def _receipt(self, caller: Caller, room: str, kind: str, read_id: str) -> None:
+        """The room's other members see the marker move (small and direct rooms only)."""
+        await self.ephemeral.receipt(room, kind, caller.user, caller.identity.name, read_id,
+                                     self.settings.receipts_room_limit)
 
     async def typing(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         room = check_room_id(frame["room"])
@@ -369,3 +405,29 @@ class Commands:
             await self.rooms.require_reader(caller.user, room)
         sent = await self.ephemeral.typing(room, caller.user, caller.identity.name)
         return {"sent": sent}
+
+    # -- roles and kicks (v1.1, node.roles) ---------------------------------------------------
+    async def set_role(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        room = check_room_id(frame["room"])
+        target = check_user_id(frame["user"])
+        acc = await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
+        if await self.roles.set_role(room, caller.user, target, frame["role"]):
+            # The target's sessions (any node) see their new role in a room `updated` event.
+            summary = (await self.summaries.summaries(UserId(target), {room: acc.meta}))[0]
+            await self.personal.publish(target, {"type": "room", "change": "updated", "room": summary,
+                                                 "by": caller.user})
+        return {}
+
+    async def kick(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        room = check_room_id(frame["room"])
+        target = check_user_id(frame["user"])
+        await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
+        await self.roles.kick(room, caller.user, target, self.settings.max_room_members)
+        # The personal `room removed` event makes every node drop the target's live delivery
+        # (Sessions.reconcile_room); their sends were refused from the kick on (the append
+        # script checks the membership).
+        await concurrently(
+            self.personal.publish(target, {"type": "room", "change": "removed", "room": {"id": room},
+                                           "by": caller.user}),
+            self.mentions.forget(target, room))
+        return {}

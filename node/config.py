@@ -228,6 +228,8 @@ class Settings:
         "Least time between typing events per user and room", _positive)
     typing_ttl_ms: int = setting("CHAT_TYPING_TTL_MS", int, 6000,
         "How long clients show a typing indicator", _positive)
+    receipts_room_limit: int = setting("CHAT_RECEIPTS_ROOM_LIMIT", int, 50,
+        "Rooms with more members get no read receipts (direct rooms always do)", _non_negative)
     presence_room_limit: int = setting("CHAT_PRESENCE_ROOM_LIMIT", int, 200,
         "Rooms with more members get throttled online counts instead of presence events", _positive)
     poll_min_ms: int = setting("CHAT_POLL_MIN_MS", int, 1000,

@@ -1,4 +1,4 @@
-"""Ephemeral room events (typing, presence): never in history, never replayed.
+"""Ephemeral room events (typing, presence, read receipts): never in history, never replayed.
 
 They travel through one short capped stream per virtual shard (``Keys.shard_ephemeral``), which
 every node already reads in the same ``XREAD`` as that shard's room streams. That gives typing
@@ -29,6 +29,19 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'k', 'typing', 'r', ARGV[2], 'u', ARGV[3], 'n', ARGV[4])
 return 1
 """
+
+
+# KEYS: members, receipt gate, eph.  ARGV: kind, receipts room limit, room, user, name, read_id,
+# maxlen, gate ttl (ms).  1 if published; 0 if the room is too big or the marker was announced.
+RECEIPT_LUA = """
+if ARGV[1] ~= 'direct' and redis.call('SCARD', KEYS[1]) > tonumber(ARGV[2]) then return 0 end
+if redis.call('GET', KEYS[2]) == ARGV[6] then return 0 end
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[8])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'k', 'receipt', 'r', ARGV[3], 'u', ARGV[4], 'n', ARGV[5],
+           'i', ARGV[6])
+return 1
+"""
+RECEIPT_GATE_MS = 600_000
 
 
 class EphemeralTopic(Topic):
@@ -62,6 +75,10 @@ class EphemeralTopic(Topic):
                     event = {"type": "presence", "room": room, "user": {"id": user, "name": name},
                              "status": fields.get(b"s", b"").decode()}
                     skip = ""
+                elif kind == b"receipt":
+                    event = {"type": "receipt", "room": room, "user": {"id": user, "name": name},
+                             "read_id": fields.get(b"i", b"").decode()}
+                    skip = user  # never for one's own reads
                 else:
                     continue
                 frame = ws_text_frame(orjson.dumps(event))
@@ -89,6 +106,7 @@ class Ephemeral:
         self.keys = keys
         self.typing_interval_ms = typing_interval_ms
         self._typing = redis.register_script(TYPING_LUA)
+        self._receipt = redis.register_script(RECEIPT_LUA)
 
     async def typing(self, room: str, user: str, name: str) -> bool:
         """Publish a typing event unless the user typed in this room within the interval."""
@@ -96,6 +114,20 @@ class Ephemeral:
             published = await self._typing(
                 keys=[self.keys.room_typing_gate(room, user), self.keys.shard_ephemeral(self.keys.room_shard(room))],
                 args=[self.typing_interval_ms, room, user, name, EPH_MAXLEN],
+            )
+        return bool(int(published))
+
+    async def receipt(self, room: str, kind: str, user: str, name: str, read_id: str, room_limit: int) -> bool:
+        """Tell the room's other members that ``user`` read up to ``read_id``: ``direct`` rooms
+        and rooms of at most ``room_limit`` members (CHAT_RECEIPTS_ROOM_LIMIT), each marker once.
+        Never in ``general``."""
+        if kind == "general":
+            return False
+        k = self.keys
+        with unavailable_on_redis_errors("receipt"):
+            published = await self._receipt(
+                keys=[k.room_members(room), k.room_receipt_gate(room, user), k.shard_ephemeral(k.room_shard(room))],
+                args=[kind, room_limit, room, user, name, read_id, EPH_MAXLEN, RECEIPT_GATE_MS],
             )
         return bool(int(published))
 

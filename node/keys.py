@@ -64,6 +64,16 @@ class Keys:
         """Dedupe key of a client message id: ``"<id> <seq>"`` of the first send."""
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:c:{user}:{cmid}"
 
+    def room_roles(self, room: str) -> str:
+        """Hash user -> ``admin``: the room's admins (the owner is ``owner`` in the metadata;
+        everyone else is a member). Entries are removed when the user is kicked or leaves."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:roles"
+
+    def room_banned(self, room: str) -> str:
+        """Set of user ids kicked from the room: ``join`` refuses them until an ``invite``
+        removes them; capped at CHAT_MAX_ROOM_MEMBERS (a kick past it is refused)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ban"
+
     def stream_room(self, key: str) -> RoomId | None:
         """Inverse of :meth:`room_stream` (``None`` for other keys)."""
         parts = key.split(":", 3)
@@ -90,6 +100,11 @@ class Keys:
     def user_meta(self, user: str) -> str:
         """Hash: name, inbox epoch, personal cursor delivered last, last_seen."""
         return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:m"
+
+    def user_mentions(self, user: str) -> str:
+        """Hash room -> comma-separated ``seq`` of the newest messages (at most
+        ``mentions.MAX_TRACKED``) after the read marker that mention the user."""
+        return f"{PREFIX}:{self.tag(self.user_shard(user))}:u:{user}:mn"
 
     def user_publish_dedupe(self, user: str, token: str) -> str:
         """Dedupe key of one personal-stream publish (a retried command appends once)."""
@@ -123,6 +138,11 @@ class Keys:
     def room_typing_gate(self, room: str, user: str) -> str:
         """Throttle key of one user's typing events in one room (SET NX PX)."""
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ty:{user}"
+
+    def room_receipt_gate(self, room: str, user: str) -> str:
+        """The read id of one user's last ``receipt`` in one room (SET PX 10 min): the same
+        marker is never announced twice."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:rc:{user}"
 
     # -- cluster-wide -----------------------------------------------------------------------
     def room_directory(self) -> str:

@@ -46,6 +46,8 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "where": {"user": (_STR, True)},
     "read": {"room": (_STR, True), "id": (_STR, True)},
     "typing": {"room": (_STR, True)},
+    "set_role": {"room": (_STR, True), "user": (_STR, True), "role": (_STR, True)},
+    "kick": {"room": (_STR, True), "user": (_STR, True)},
     "ping": {},
     "refresh": {"token": (_STR, True)},
 }

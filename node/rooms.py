@@ -16,7 +16,7 @@ from .keys import GENERAL, Keys, RoomId, UserId
 from .metrics import METRICS
 from .pauses import PausePoints
 from .protocol import USER_ID_RE, check_room_id
-from .redisio import concurrently, unavailable_on_redis_errors
+from .redisio import as_str, concurrently, unavailable_on_redis_errors
 from .streams import Appended, RoomMeta, RoomStreams
 
 KINDS = ("general", "open", "closed", "direct")
@@ -72,6 +72,18 @@ return 1
 """
 
 
+# KEYS: room's members, room's banned users.  ARGV: member, cap.  As CAPPED_ADD_LUA, and -2 if the
+# user was kicked (node.roles): in one step, so a kick racing a join cannot be undone by it.
+MEMBER_ADD_LUA = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return -2 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+KICKED = "you were removed from this room; a member must invite you again"
+
+
 def rooms_quota_error(user: str, max_rooms: int) -> BadRequest:
     return BadRequest(f"a user may be in at most {max_rooms} rooms ({user} is in as many)",
                       limit="rooms_per_user")
@@ -90,6 +102,7 @@ class Rooms:
         self.streams = streams
         self.pauses = pauses if pauses is not None else PausePoints()
         self._capped_add = redis.register_script(CAPPED_ADD_LUA)
+        self._member_add = redis.register_script(MEMBER_ADD_LUA)
 
     async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
                       kind: str = "", check_member: bool = False) -> Appended:
@@ -186,7 +199,10 @@ class Rooms:
             return False
         await self.pauses.point("rooms.before_add")
         with unavailable_on_redis_errors("join"):
-            added = int(await self._capped_add(keys=[self.keys.room_members(room)], args=[user, max_members]))
+            added = int(await self._member_add(keys=[self.keys.room_members(room), self.keys.room_banned(room)],
+                                               args=[user, max_members]))
+        if added == -2:
+            raise Forbidden(KICKED)
         if added < 0:
             raise room_full_error(max_members)
         with unavailable_on_redis_errors("join"):
@@ -235,6 +251,7 @@ class Rooms:
             raise Forbidden("only members may invite")
         with unavailable_on_redis_errors("invite"):
             await self.redis.sadd(self.keys.room_invites(room), invitee)
+        await self.unban(room, invitee)
         return acc.meta, await self.add_member(room, invitee, max_rooms, max_members)
 
     async def leave(self, user: UserId, room: str) -> RoomMeta:
@@ -332,3 +349,21 @@ class Rooms:
             if meta is not None and may_see(meta.kind, bool(is_member) or room == GENERAL):
                 out.append(room)
         return out
+
+    # -- roles and kicks (node.roles) --------------------------------------------------------
+    async def unban(self, room: str, user: str) -> None:
+        """An invitation lifts a kick: the user may join (and is added) again."""
+        with unavailable_on_redis_errors("invite"):
+            await self.redis.srem(self.keys.room_banned(room), user)
+
+    async def is_moderator(self, room: str, user: str) -> bool:
+        """Whether ``user`` is the room's ``owner`` or an ``admin`` (may delete others'
+        messages, kick). Never in ``general`` or ``direct`` rooms."""
+        meta = await self.streams.meta(room)
+        if meta is None or meta.kind not in ("open", "closed"):
+            return False
+        if user == meta.owner:
+            return await self.is_member(UserId(user), room)
+        with unavailable_on_redis_errors("roles"):
+            stored = await self.redis.hget(self.keys.room_roles(room), user)
+        return stored is not None and as_str(stored) == "admin"

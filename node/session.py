@@ -30,6 +30,7 @@ from .pauses import PausePoints
 from .personal import PersonalStreams, PersonalTopic
 from .protocol import dumps, message_event, ws_text_frame
 from .resume import plan_replay
+from .roles import roles_of_new
 from .rooms import Rooms
 from .sink import Sink
 from .streams import RoomMeta, RoomStreams, room_gap_event, room_summary
@@ -185,7 +186,8 @@ class Sessions:
             event: dict[str, Any] = {"type": "room", "change": "added", "room": base}
             if inviter:
                 event["by"] = inviter
-            await self.personal.publish_many(list(dict.fromkeys(users)), event)
+            for role, group in roles_of_new(meta, list(dict.fromkeys(users))).items():
+                await self.personal.publish_many(group, {**event, "room": {**base, "role": role}})
         return summary
 
     async def left(self, user: UserId, live: Subscription | None, room: str) -> None:

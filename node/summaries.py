@@ -1,5 +1,5 @@
 """Room summaries as clients see them (``welcome.rooms``, ``join``, ``rooms``): unread, member
-and online counts; and the node's cache of online counts, with the throttled online counts
+and online counts, mentions, the user's role and (direct rooms) the other member's read marker; and the node's cache of online counts, with the throttled online counts
 sent to big rooms.
 
 Online counts are advisory and cost O(members) in Redis, so they are cached per node (a few
@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 from .keys import GENERAL, Keys, UserId
+from .mentions import mention_count
 from .presence import Presence
 from .protocol import dumps, ws_text_frame
 from .redisio import concurrently, unavailable_on_redis_errors
-from .rooms import Rooms
+from .roles import ROLE_KINDS, role_of
+from .rooms import Rooms, dm_members
 from .streams import RoomMeta, RoomStreams, room_summary
-from .unread import unread_count
+from .unread import parse_marker, unread_count
 
 if TYPE_CHECKING:
     from .fanout import Fanout
@@ -28,6 +30,14 @@ if TYPE_CHECKING:
 ONLINE_CACHE_S = 5.0
 PRESENCE_COUNT_INTERVAL_S = 10.0
 MAX_CACHED_ROOMS = 10_000
+
+
+def dm_other(room: str, user: str) -> str | None:
+    """The other member of a direct room."""
+    pair = dm_members(room)
+    if pair is None or user not in pair:
+        return None
+    return pair[1] if pair[0] == user else pair[0]
 
 
 class RoomSummaries:
@@ -98,9 +108,14 @@ class RoomSummaries:
         seqs = dict(known_seqs or {})
         unknown = {r: p for r, p in (positions or {}).items() if r not in seqs}
 
-        async def read_markers() -> list[Any]:
+        async def read_markers() -> tuple[list[Any], list[Any]]:
+            # Read markers and mentions: the user's slot, one round trip.
             with unavailable_on_redis_errors("summaries"):
-                return list(await self.redis.hmget(self.keys.user_reads(user), rooms))
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hmget(self.keys.user_reads(user), rooms)
+                pipe.hmget(self.keys.user_mentions(user), rooms)
+                markers, mentioned = await pipe.execute()
+            return list(markers), list(mentioned)
 
         async def counts() -> tuple[dict[str, int], list[int]]:
             members = await self.rooms.member_counts(rooms)
@@ -110,7 +125,8 @@ class RoomSummaries:
             return await self.streams.seqs_at(unknown) if unknown else {}
 
         # Independent reads, concurrently: one round trip of latency (two for uncached counts).
-        reads, (members, online), found = await concurrently(read_markers(), counts(), seqs_at())
+        (reads, mentioned), (members, online), found, (stored_roles, read_by) = await concurrently(
+            read_markers(), counts(), seqs_at(), self._roles_and_receipts(user, metas))
         seqs.update(found)
         out = []
         for i, room in enumerate(rooms):
@@ -120,9 +136,34 @@ class RoomSummaries:
             elif positions and positions.get(room) == "0-0":
                 meta = dataclasses.replace(meta, seq=0)
             last_id = (positions or {}).get(room, meta.last_id)
-            out.append(room_summary(meta, last_id, unread_count(meta.seq, reads[i]),
-                                    members[room], online[i]))
+            summary = room_summary(meta, last_id, unread_count(meta.seq, reads[i]), members[room], online[i])
+            summary["mentions"] = mention_count(mentioned[i], parse_marker(reads[i])[1])
+            summary["role"] = role_of(meta, user, stored_roles.get(room))
+            if room in read_by:
+                summary["read_by"] = [read_by[room]]
+            out.append(summary)
         return out
+
+    async def _roles_and_receipts(self, user: UserId, metas: dict[str, RoomMeta]
+                                  ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+        """The user's stored role in each created room they do not own, and the other member's
+        read marker in each direct room (``read_by``, so that a reloaded page can show
+        "seen"): one pipeline, run alongside the summaries' other reads."""
+        ask_roles = [r for r, m in metas.items() if m.kind in ROLE_KINDS and m.owner != user]
+        others = {r: o for r in metas if metas[r].kind == "direct" and (o := dm_other(r, user)) is not None}
+        if not ask_roles and not others:
+            return {}, {}
+        with unavailable_on_redis_errors("summaries"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in ask_roles:
+                pipe.hget(self.keys.room_roles(room), user)
+            for room, other in others.items():
+                pipe.hget(self.keys.user_reads(other), room)
+            results = await pipe.execute()
+        roles = dict(zip(ask_roles, results[:len(ask_roles)], strict=True))
+        read_by = {room: {"id": other, "read_id": parse_marker(raw)[0]}
+                   for (room, other), raw in zip(others.items(), results[len(ask_roles):], strict=True)}
+        return roles, read_by
 
     async def room_counts(self, fanout: Fanout) -> None:
         """Big rooms get throttled online counts instead of per-user presence events (a loop)."""
