@@ -34,8 +34,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from . import redisio
+from .edits import RoomEdits, history_item, pad_id
 from .keys import PREFIX, Keys
-from .protocol import message_event
 
 STREAM_PATTERN = PREFIX + ":{s*}:r:*:x"  # the shape of Keys.room_stream, any shard and room
 MAX_SEQ = (1 << 64) - 1
@@ -71,11 +71,10 @@ def next_id(sid: str) -> str:
     return f"{ms}-{int(seq) + 1}" if int(seq) < MAX_SEQ else f"{int(ms) + 1}-0"
 
 
-def archive_line(room: str, sid: str, fields: dict[bytes, bytes]) -> bytes:
-    """One JSON line: the ``message`` event of the entry without its ``type``."""
-    event = message_event(room, sid, fields)
-    del event["type"]
-    return orjson.dumps(event) + b"\n"
+def archive_line(room: str, sid: str, fields: dict[bytes, bytes], fold: str = "") -> bytes:
+    """One JSON line: the message as ``history`` returns it, in its latest state (``fold``:
+    its fold record, see :mod:`node.edits`): edited text and ``edited_at``, or a tombstone."""
+    return orjson.dumps(history_item(room, sid, fields, fold)) + b"\n"
 
 
 async def _servers(client: Any) -> list[tuple[aioredis.Redis, bool]]:
@@ -97,18 +96,34 @@ async def _room_streams(server: aioredis.Redis, keys: Keys) -> AsyncIterator[tup
             yield key, room
 
 
-async def _export_room(client: Any, room: RoomExport, gz: Any, batch: int) -> None:
+async def _export_room(client: Any, keys: Keys, room: RoomExport, gz: Any, batch: int) -> None:
+    """Export the room's messages below the cut in their folded state (node.edits): edited text
+    with ``edited_at``, and the tombstones of deleted messages at their place; the edit and
+    delete entries themselves are not exported (what they did is)."""
     start = "-"
+    low = "-"  # tombstones already merged are below this (lex bound, node.edits.pad_id)
     while True:
         entries = await client.xrange(room.key, start, "(" + room.cut, count=batch)
-        for raw_id, fields in entries:
-            sid = redisio.as_str(raw_id)
-            gz.write(archive_line(room.room, sid, fields))
+        full = len(entries) == batch
+        high = "[" + pad_id(redisio.as_str(entries[-1][0])) if full else "(" + pad_id(room.cut)
+        tombs = [redisio.as_str(t) for t in await client.zrangebylex(keys.room_tombs(room.room), low, high)]
+        items = [(redisio.as_str(sid), fields) for sid, fields in entries if b"x" not in fields]
+        items += [(t, {}) for t in (_unpad(p) for p in tombs)]
+        items.sort(key=lambda item: pad_id(item[0]))
+        folds = await client.hmget(keys.room_folds(room.room), [sid for sid, _ in items]) if items else []
+        for (sid, fields), fold in zip(items, folds, strict=True):
+            gz.write(archive_line(room.room, sid, fields, redisio.as_str(fold or b"")))
             room.exported += 1
             room.last_id = sid
-        if len(entries) < batch:
+        if not full:
             return
-        start = "(" + room.last_id
+        start = "(" + redisio.as_str(entries[-1][0])
+        low = "(" + high[1:]
+
+
+def _unpad(padded: str) -> str:
+    ms, _, seq = padded.partition("-")
+    return f"{int(ms)}-{int(seq)}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -171,7 +186,7 @@ async def archive(redis_url: str, older_than_s: float, out: str | os.PathLike[st
                 async for key, room in _room_streams(server, keys):
                     result.rooms_scanned += 1
                     export = RoomExport(key, room, cut)
-                    await _export_room(client, export, gz, batch)
+                    await _export_room(client, keys, export, gz, batch)
                     if export.exported:
                         rooms.append(export)
             gz.close()
@@ -181,9 +196,11 @@ async def archive(redis_url: str, older_than_s: float, out: str | os.PathLike[st
         result.exported = sum(r.exported for r in rooms)
         await asyncio.to_thread(_publish, tmp, out_path, result.exported > 0)
         # Only now, with the export durable, remove what it holds.
+        edits = RoomEdits(client, keys, maxlen=0)
         for done in rooms:
             result.trimmed += int(await client.xtrim(done.key, minid=next_id(done.last_id),
                                                      approximate=False))
+            await edits.forget_upto(done.room, done.last_id)  # their fold state is in the file
         return result
     finally:
         tmp.unlink(missing_ok=True)

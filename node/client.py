@@ -227,6 +227,11 @@ class ChatClient:
             cursor = self.cursors.get(room)
             if cursor is not None:
                 cursor["id"] = frame["id"]
+        elif kind in ("edit", "delete") and "entry_id" in frame:
+            # An edit or delete is an entry of its own: the cursor moves to it, not to `id`.
+            cursor = self.cursors.get(frame["room"])
+            if cursor is not None:
+                cursor["id"] = frame["entry_id"]
         elif kind == "room" and isinstance(frame.get("room"), dict):
             room = frame["room"]
             if frame.get("change") == "removed":
@@ -300,6 +305,14 @@ class ChatClient:
                 if exc.code not in ("rate_limited", "unavailable") or loop.time() >= deadline:
                     raise
                 await asyncio.sleep(0.2 * (0.5 + random.random()))
+
+    async def edit(self, room: str, message_id: str, text: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Replace the text of one's own message: ``{id, edited_at}``."""
+        return await self.request("edit", timeout=timeout, room=room, id=message_id, text=text)
+
+    async def delete(self, room: str, message_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Delete one's own message (or any, as the room's owner or an admin): ``{id}``."""
+        return await self.request("delete", timeout=timeout, room=room, id=message_id)
 
     async def history(self, room: str, *, before: str | None = None, after: str | None = None,
                       limit: int = 50) -> dict[str, Any]:

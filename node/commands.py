@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
+from .edits import NotAuthor, RoomEdits
 from .errors import BadRequest, ChatError, Internal, RateLimited, error_body
 from .keys import GENERAL, UserId
 from .mentions import Mentions
@@ -25,7 +26,6 @@ from .protocol import (
     check_text,
     check_user_id,
     dumps,
-    message_event,
     ref_of,
 )
 from .ratelimit import KeyedBuckets
@@ -156,12 +156,17 @@ class Commands:
             "where": self.where,
             "read": self.read,
             "typing": self.typing,
+            "edit": self.edit,
+            "delete": self.delete,
             "set_role": self.set_role,
             "kick": self.kick,
         }
         # v1.1 roles, kicks and mentions (their own modules; Redis handles shared with rooms).
         self.roles = Roles(rooms.redis, rooms.keys)
         self.mentions = Mentions(rooms.redis, rooms.keys, settings.personal_maxlen)
+        # v1.1 edits and deletes (node.edits): the room streams' Redis handle and limits.
+        self.edits = RoomEdits(streams.redis, streams.keys, maxlen=streams.maxlen,
+                               max_age_ms=streams.max_age_ms)
         self._typing_seen: dict[tuple[str, str], float] = {}
         s = settings
         # create_room per user, per node, whatever the transport.
@@ -244,7 +249,6 @@ class Commands:
                 raise
         else:
             acc = await self.rooms.require_reader(caller.user, room)
-            await self.rooms.pauses.point("send.checked")
             # The script re-checks the membership: a kick landing after the check above
             # refuses the append instead of letting the message in after the removal.
             try:
@@ -282,11 +286,32 @@ class Commands:
         if not 1 <= limit <= self.settings.history_limit_max:
             raise BadRequest(f"limit must be 1..{self.settings.history_limit_max}")
         await self.rooms.require_reader(caller.user, room)
-        entries, more = await self.streams.history(room, before=before, after=after, limit=limit)
-        messages = [message_event(room, sid.decode(), fields) for sid, fields in entries]
-        for m in messages:
-            del m["type"]
+        # Each message in its latest state (edited text, or a tombstone), see node.edits.
+        messages, more = await self.edits.history(room, before=before, after=after, limit=limit)
         return {"messages": messages, "more": more}
+
+    async def edit(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        room = check_room_id(frame["room"])
+        target = check_stream_id(frame["id"])
+        text = check_text(frame["text"], self.settings.max_text_chars)
+        acc = await self.rooms.require_reader(caller.user, room)
+        changed = await self.edits.edit(room, caller.user, caller.identity.name, target, text,
+                                        check_member=acc.meta.kind != "general")
+        return {"id": target, "edited_at": changed.ts}
+
+    async def delete(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
+        room = check_room_id(frame["room"])
+        target = check_stream_id(frame["id"])
+        acc = await self.rooms.require_reader(caller.user, room)
+        check = acc.meta.kind != "general"
+        try:
+            await self.edits.delete(room, caller.user, caller.identity.name, target, check, moderator=False)
+        except NotAuthor:
+            # Someone else's message: only an owner or admin may (one more read, rare).
+            if not await self.rooms.is_moderator(room, caller.user):
+                raise
+            await self.edits.delete(room, caller.user, caller.identity.name, target, check, moderator=True)
+        return {"id": target}
 
     # -- rooms -------------------------------------------------------------------------------
     async def create_room(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
@@ -411,12 +436,12 @@ class Commands:
     async def set_role(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         room = check_room_id(frame["room"])
         target = check_user_id(frame["user"])
-        await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
+        acc = await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
         if await self.roles.set_role(room, caller.user, target, frame["role"]):
-            # The target's sessions (any node) see their new role in a room `updated` event. Its
-            # room object has only what changed (no epoch or last_id: cursors stay where they are).
-            await self.personal.publish(target, {"type": "room", "change": "updated",
-                                                 "room": {"id": room, "role": frame["role"]}, "by": caller.user})
+            # The target's sessions (any node) see their new role in a room `updated` event.
+            summary = (await self.summaries.summaries(UserId(target), {room: acc.meta}))[0]
+            await self.personal.publish(target, {"type": "room", "change": "updated", "room": summary,
+                                                 "by": caller.user})
         return {}
 
     async def kick(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:

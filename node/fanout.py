@@ -46,6 +46,16 @@ def _encode_message(topic: Topic, sid: str, fields: dict[bytes, bytes]) -> bytes
     return dumps(message_event(topic.name, sid, fields))
 
 
+def _deleted_between(entries: list[Entry], last: int, seq: int) -> bool:
+    """Whether every seq strictly between ``last`` and ``seq`` is a message deleted (``XDEL``ed,
+    see :mod:`node.edits`) whose delete entry is in ``entries``: a hole, not a trimmed gap.
+    A delete lands after its message, so when the reader finds the message gone its delete is
+    in the same read (unless that read hit CHAT_READ_COUNT: then this says gap, conservatively)."""
+    missing = seq - last - 1
+    deleted = {int(f[b"ds"]) for _, f in entries if b"ds" in f}
+    return missing <= len(deleted) and all(s in deleted for s in range(last + 1, seq))
+
+
 class Topic:
     """A stream key this node reads because local sessions subscribe to it."""
 
@@ -83,9 +93,11 @@ class Topic:
             seq_raw = fields.get(b"s")
             if seq_raw is not None:
                 seq = int(seq_raw)
-                if 0 <= self.seq < seq - 1:
+                if 0 <= self.seq < seq - 1 and not _deleted_between(entries, self.seq, seq):
                     self._gap()
                 self.seq = seq
+            elif self.seq >= 0 and int(fields.get(b"ds", -1)) == self.seq + 1:
+                self.seq += 1  # a delete of the message after ours: that seq is accounted for
             pos_t = sid_t
             self.pos = sid
             encoded = self.encoder(self, sid, fields)

@@ -49,7 +49,9 @@ class Keys:
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:x"
 
     def room_meta(self, room: str) -> str:
-        """Hash: epoch, kind, name, owner, created, seq (message counter), last_id."""
+        """Hash: epoch, kind, name, owner, created, seq (message counter), last_id, xdel
+        (entries removed by edits and deletes, node.edits)."""
+
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:m"
 
     def room_members(self, room: str) -> str:
@@ -73,6 +75,27 @@ class Keys:
         """Set of user ids kicked from the room: ``join`` refuses them until an ``invite``
         removes them; capped at CHAT_MAX_ROOM_MEMBERS (a kick past it is refused)."""
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ban"
+
+    # Edits and deletes (node.edits): the fold state of the room's messages. The zsets hold
+    # ids padded to fixed width (node.edits.pad_id) with score 0, so ZRANGEBYLEX orders them
+    # like stream ids.
+    def room_folds(self, room: str) -> str:
+        """Hash message id -> ``e <edit entry id> <text>`` (an edited message's latest text) or
+        ``d <delete entry id> <seq> <author id> <author name>`` (a deleted message's tombstone)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:fo"
+
+    def room_edited(self, room: str) -> str:
+        """Lex zset of the padded ids of the room's edited messages (to prune ``room_folds``)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:fe"
+
+    def room_tombs(self, room: str) -> str:
+        """Lex zset of the padded ids of the room's deleted messages (tombstones in history)."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ft"
+
+    def room_tomb_ops(self, room: str) -> str:
+        """Lex zset ``<padded delete entry id> <padded message id>``: a tombstone is forgotten
+        once the stream has trimmed its delete entry."""
+        return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:fd"
 
     def stream_room(self, key: str) -> RoomId | None:
         """Inverse of :meth:`room_stream` (``None`` for other keys)."""

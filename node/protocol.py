@@ -45,6 +45,8 @@ COMMANDS: dict[str, dict[str, tuple[str, bool]]] = {
     "who": {"room": (_STR, True), "limit": (_INT, False)},
     "where": {"user": (_STR, True)},
     "read": {"room": (_STR, True), "id": (_STR, True)},
+    "edit": {"room": (_STR, True), "id": (_STR, True), "text": (_STR, True)},
+    "delete": {"room": (_STR, True), "id": (_STR, True)},
     "typing": {"room": (_STR, True)},
     "set_role": {"room": (_STR, True), "user": (_STR, True), "role": (_STR, True)},
     "kick": {"room": (_STR, True), "user": (_STR, True)},
@@ -226,7 +228,10 @@ def reply_error(ref: Any, error: dict[str, Any]) -> bytes:
 
 
 def message_event(room: str, sid: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """The ``message`` event of one stream entry (fields as stored by the append script)."""
+    """The ``message`` event of one stream entry (fields as stored by the append script); the
+    ``edit`` or ``delete`` event of an edit or delete entry (see :func:`fold_event`)."""
+    if b"x" in fields:
+        return fold_event(room, sid, fields)
     event: dict[str, Any] = {
         "type": "message",
         "room": room,
@@ -242,6 +247,27 @@ def message_event(room: str, sid: str, fields: dict[bytes, bytes]) -> dict[str, 
     if fields.get(b"k") == b"system":
         event["kind"] = "system"
     return event
+
+
+def fold_event(room: str, sid: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """The ``edit`` / ``delete`` event of an edit or delete entry (PROTOCOL 5.2; written by
+    :mod:`node.edits`). ``id`` is the edited or deleted message; ``entry_id`` is the entry's own
+    stream id, the one a client's cursor moves to."""
+    by = {"id": fields.get(b"f", b"").decode(), "name": fields.get(b"n", b"").decode()}
+    target = fields.get(b"m", b"").decode()
+    if fields.get(b"x") == b"e":
+        return {"type": "edit", "room": room, "id": target, "text": fields.get(b"t", b"").decode(),
+                "edited_at": int(sid.partition("-")[0]), "by": by, "entry_id": sid}
+    return {"type": "delete", "room": room, "id": target, "by": by, "entry_id": sid}
+
+
+def entry_seq(fields: dict[bytes, bytes]) -> int:
+    """The room's ``seq`` as of a stream entry: a message's own ``seq``, or for an edit or
+    delete entry (which has none) the ``seq`` of the newest message when it was written."""
+    raw = fields.get(b"s")
+    if raw is None:
+        raw = fields.get(b"q", b"0")
+    return int(raw)
 
 
 def ws_text_frame(payload: bytes) -> bytes:

@@ -13,9 +13,10 @@ from typing import Any
 
 from .autopipe import AppendPipe
 from .durable import DurableAppend
+from .edits import fill_holes
 from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
-from .protocol import MAX_STREAM_PART, stream_id_tuple
+from .protocol import MAX_STREAM_PART, entry_seq, stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
 
 # KEYS: stream, meta, cmid-key, members.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
@@ -250,7 +251,10 @@ class RoomStreams:
         Returns at most ``limit + 2`` entries; :func:`node.resume.plan_replay` decides.
         """
         with unavailable_on_redis_errors("replay"):
-            return await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
+            entries = await self.redis.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
+        results = {room: entries}
+        await fill_holes(self.redis, self.keys, {room: (cursor, upto)}, results)  # edits/deletes
+        return results[room]
 
     async def replay_ranges(self, ranges: dict[str, tuple[str, str]],
                             limit: int) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
@@ -262,7 +266,9 @@ class RoomStreams:
             for room, (cursor, upto) in ranges.items():
                 pipe.xrange(self.keys.room_stream(room), cursor, upto, count=limit + 2)
             results = await pipe.execute()
-        return dict(zip(ranges, results, strict=True))
+        out = dict(zip(ranges, results, strict=True))
+        await fill_holes(self.redis, self.keys, ranges, out)  # cursors removed by edits/deletes
+        return out
 
     async def seqs_at(self, positions: dict[str, str]) -> dict[str, int]:
         """The ``seq`` of the entry at each room's position (one pipelined XRANGE each), so that
@@ -276,7 +282,7 @@ class RoomStreams:
             for room in rooms:
                 pipe.xrange(self.keys.room_stream(room), positions[room], positions[room], count=1)
             results = await pipe.execute()
-        return {room: int(entries[0][1].get(b"s", b"0"))
+        return {room: entry_seq(entries[0][1])
                 for room, entries in zip(rooms, results, strict=True) if entries}
 
     async def seq_at(self, room: str, sid: str, meta: RoomMeta) -> int:
@@ -287,8 +293,9 @@ class RoomStreams:
         with unavailable_on_redis_errors("seq_at"):
             exact = await self.redis.xrange(key, sid, sid, count=1)
             if exact:
-                return int(exact[0][1].get(b"s", b"0"))
+                return entry_seq(exact[0][1])
             after = await self.redis.xrange(key, "(" + sid, "+", count=1)
         if after:
-            return max(0, int(after[0][1].get(b"s", b"0")) - 1)
+            seq = after[0][1].get(b"s")  # an edit or delete entry's q counts no message of its own
+            return max(0, int(seq) - 1) if seq is not None else entry_seq(after[0][1])
         return meta.seq
