@@ -42,6 +42,7 @@ from .streams import RoomStreams
 from .summaries import RoomSummaries
 from .supervise import Jobs, ThrottledLog, supervise
 from .unread import ReadMarkers
+from .webhooks import Outbox, Webhooks
 from .ws import WsServer
 
 log = logging.getLogger("chatcluster.node")
@@ -74,8 +75,12 @@ class Node:
         self.status = NodeStatus(s.max_connections)
 
         # Redis-backed data
+        # Webhooks on: the room scripts write the outbox, and this node delivers a share of it.
+        outbox = Outbox(keys, s.webhook_outbox_maxlen if s.webhook_url else 0)
+        self.webhooks = Webhooks(s, redis, keys, self.errors) if outbox.enabled else None
         self.streams = RoomStreams(redis, keys, maxlen=s.history_maxlen, cmid_ttl_s=s.cmid_ttl_s,
-                                   max_age_s=s.history_max_age_s, wait_replicas=s.redis_wait_replicas)
+                                   max_age_s=s.history_max_age_s, wait_replicas=s.redis_wait_replicas,
+                                   outbox=outbox)
         self.rooms = Rooms(redis, keys, self.streams, pauses)
         self.presence = Presence(redis, keys, s.presence_ttl)
         self.personal = PersonalStreams(redis, keys, s.personal_maxlen)
@@ -182,6 +187,9 @@ class Node:
                                ("poll-cache-sweeper", self.poller.sweeper),
                                ("room-counts", lambda: self.summaries.room_counts(self.fanout))):
                 tasks.append(tg.create_task(supervise(name, body, self.errors), name=name))
+            if self.webhooks is not None:
+                tasks.append(tg.create_task(supervise("webhooks", self.webhooks.run, self.errors),
+                                            name="webhooks"))
             ws_server = await serve(
                 self.ws.handler, settings.host, settings.ws_port,
                 process_request=self.ws.process_request,

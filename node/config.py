@@ -89,6 +89,12 @@ def _redis_url(value: str) -> str | None:
     return "must start with redis://, rediss://, redis+cluster:// or unix://"
 
 
+def _http_url(value: str) -> str | None:
+    if not value or value.startswith(("http://", "https://")):
+        return None
+    return "must start with http:// or https://"
+
+
 def _default_node_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
 
@@ -254,6 +260,22 @@ class Settings:
         "Deepest nesting of a command frame (the frame object is level 1)", lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64")
     personal_maxlen: int = setting("CHAT_PERSONAL_MAXLEN", int, 500,
         "Personal events (alerts, invitations) kept per user while offline", _positive)
+    webhook_url: str = setting("CHAT_WEBHOOK_URL", str, "",
+        "POST every message, edit, delete and membership change here (protocol 5.3; unset: "
+        "webhooks off)", _http_url)
+    webhook_secret: str = setting("CHAT_WEBHOOK_SECRET", str, "",
+        "HMAC-SHA256 key of the X-Chat-Signature header (required with CHAT_WEBHOOK_URL)")
+    webhook_max_age_s: float = setting("CHAT_WEBHOOK_MAX_AGE", duration, 86400.0,
+        "An event not accepted (2xx) within this long is dropped and counted: 24h, 90m, "
+        "seconds", _positive)
+    webhook_timeout_s: float = setting("CHAT_WEBHOOK_TIMEOUT", duration, 10.0,
+        "Longest webhook request (then retried with backoff)", _positive)
+    webhook_lease_s: float = setting("CHAT_WEBHOOK_LEASE", duration, 30.0,
+        "A shard's webhook deliveries move to another node this long after their node died "
+        "(must exceed 2 x CHAT_WEBHOOK_TIMEOUT)", _positive)
+    webhook_outbox_maxlen: int = setting("CHAT_WEBHOOK_OUTBOX_MAXLEN", int, 100000,
+        "Undelivered webhook events kept per shard (approximate trim; older ones are lost)",
+        _positive)
     abuse_closes_max: int = setting("CHAT_ABUSE_CLOSES_MAX", int, 20,
         "Abusive closes (1009, 4502, 4003) of one address within CHAT_ABUSE_WINDOW_S before its"
         " handshakes are refused (429) for CHAT_ABUSE_PENALTY_S; 0 disables", _non_negative)
@@ -341,6 +363,10 @@ def load(
         values["node_id"] = _default_node_id()
     if values["poll_min_ms"] > values["poll_max_ms"]:
         raise ConfigError("CHAT_POLL_MIN_MS: must not exceed CHAT_POLL_MAX_MS")
+    if values["webhook_url"] and not values["webhook_secret"]:
+        raise ConfigError("CHAT_WEBHOOK_SECRET: required when CHAT_WEBHOOK_URL is set")
+    if values["webhook_lease_s"] <= 2 * values["webhook_timeout_s"]:
+        raise ConfigError("CHAT_WEBHOOK_LEASE: must exceed 2 x CHAT_WEBHOOK_TIMEOUT")
     return Settings(**values)
 
 

@@ -51,7 +51,6 @@ class Keys:
     def room_meta(self, room: str) -> str:
         """Hash: epoch, kind, name, owner, created, seq (message counter), last_id, xdel
         (entries removed by edits and deletes, node.edits)."""
-
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:m"
 
     def room_members(self, room: str) -> str:
@@ -161,6 +160,27 @@ class Keys:
     def room_typing_gate(self, room: str, user: str) -> str:
         """Throttle key of one user's typing events in one room (SET NX PX)."""
         return f"{PREFIX}:{self.tag(self.room_shard(room))}:r:{room}:ty:{user}"
+
+    # -- webhooks (node.webhooks) -------------------------------------------------------------
+    def webhook_outbox(self, shard: int) -> str:
+        """Capped stream of the shard's events waiting for webhook delivery (protocol 5.3).
+
+        Written by the room scripts in the same step as the change (same slot as the room's
+        keys): ``r`` room and ``i`` stream id of a room entry, or ``r`` room, ``m`` change,
+        ``u`` user, ``b`` by of a membership change."""
+        return f"{PREFIX}:{self.tag(shard)}:wh"
+
+    def webhook_cursor(self, shard: int) -> str:
+        """String: id of the last outbox entry delivered (or dropped) of the shard."""
+        return f"{PREFIX}:{self.tag(shard)}:wh:cur"
+
+    def webhook_lease(self, shard: int) -> str:
+        """String ``<node id>/<token>`` (PX): the node delivering the shard's outbox."""
+        return f"{PREFIX}:{self.tag(shard)}:wh:lease"
+
+    def webhook_nodes(self) -> str:
+        """Sorted set node id -> expiry (ms) of the nodes delivering webhooks (fair shares)."""
+        return f"{PREFIX}:{{dir}}:whnodes"
 
     def room_receipt_gate(self, room: str, user: str) -> str:
         """The read id of one user's last ``receipt`` in one room (SET PX 10 min): the same

@@ -122,6 +122,20 @@ class Metrics:
             "the task backs off and goes on", ["task"], registry=r)
         self.http_responses = Counter(
             "chatcluster_http_responses_total", "HTTP API responses, by status class", ["status"], registry=r)
+        self.webhook_deliveries = Counter(
+            "chatcluster_webhook_deliveries_total",
+            "Webhook events by outcome: delivered (2xx), retried (a failed attempt), dropped "
+            "(older than CHAT_WEBHOOK_MAX_AGE), gone (deleted or trimmed before delivery)",
+            ["result"], registry=r)
+        self.webhook_attempt_duration = Histogram(
+            "chatcluster_webhook_attempt_duration_seconds", "Webhook requests, answered or not",
+            buckets=LATENCY_BUCKETS + (10.0, 30.0), registry=r)
+        self.webhook_lag = Gauge(
+            "chatcluster_webhook_lag_seconds",
+            "Age of the oldest undelivered webhook event of this node's shards (0 when caught up)",
+            registry=r)
+        self.webhook_shards = Gauge(
+            "chatcluster_webhook_shards", "Shards whose webhook deliveries this node leases", registry=r)
         self._zero_fill()
 
     def _zero_fill(self) -> None:
@@ -144,6 +158,8 @@ class Metrics:
         self.redis_errors.labels(op="xread")
         for task in BACKGROUND_TASKS:
             self.background_errors.labels(task=task)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_deliveries.labels(result=result)
         for status in ("2xx", "3xx", "4xx", "5xx"):
             self.http_responses.labels(status=status)
 

@@ -18,6 +18,7 @@ from .pauses import PausePoints
 from .protocol import USER_ID_RE, check_room_id
 from .redisio import as_str, concurrently, unavailable_on_redis_errors
 from .streams import Appended, RoomMeta, RoomStreams
+from .webhooks import outbox_xadd
 
 KINDS = ("general", "open", "closed", "direct")
 NOT_FOUND = "no such room"
@@ -72,13 +73,25 @@ return 1
 """
 
 
-# KEYS: room's members, room's banned users.  ARGV: member, cap.  As CAPPED_ADD_LUA, and -2 if the
+# KEYS: room's members, room's banned users, webhook outbox.  ARGV: member, cap, outbox maxlen
+# ('0': off), room, change (joined/invited), by: the webhook event (node.webhooks) is written in
+# the same step.  As CAPPED_ADD_LUA, and -2 if the
 # user was kicked (node.roles): in one step, so a kick racing a join cannot be undone by it.
 MEMBER_ADD_LUA = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return -2 end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
 redis.call('SADD', KEYS[1], ARGV[1])
+""" + outbox_xadd("KEYS[3]", "ARGV[3]", "'r'", "ARGV[4]", "'m'", "ARGV[5]", "'u'", "ARGV[1]",
+                  "'b'", "ARGV[6]") + """
+return 1
+"""
+# The room's side of leaving (or being kicked), with its webhook event in the same step.
+# KEYS: members, outbox.  ARGV: member, (unused), outbox maxlen ('0': off), room, change, by.
+MEMBER_REMOVE_LUA = """
+if redis.call('SREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+""" + outbox_xadd("KEYS[2]", "ARGV[3]", "'r'", "ARGV[4]", "'m'", "ARGV[5]", "'u'", "ARGV[1]",
+                  "'b'", "ARGV[6]") + """
 return 1
 """
 KICKED = "you were removed from this room; a member must invite you again"
@@ -103,6 +116,7 @@ class Rooms:
         self.pauses = pauses if pauses is not None else PausePoints()
         self._capped_add = redis.register_script(CAPPED_ADD_LUA)
         self._member_add = redis.register_script(MEMBER_ADD_LUA)
+        self._member_remove = redis.register_script(MEMBER_REMOVE_LUA)
 
     async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
                       kind: str = "", check_member: bool = False) -> Appended:
@@ -181,7 +195,7 @@ class Rooms:
         added: list[str] = []
         for user in members:
             try:
-                await self.add_member(room, user, max_rooms, max_members)
+                await self.add_member(room, user, max_rooms, max_members, "invited", owner)
                 added.append(user)
             except BadRequest as exc:
                 if exc.limit != "rooms_per_user":
@@ -193,14 +207,17 @@ class Rooms:
         assert meta is not None
         return meta, added
 
-    async def add_member(self, room: str, user: str, max_rooms: int, max_members: int) -> bool:
-        """Make ``user`` a member, within both caps; True if they were not one before."""
+    async def add_member(self, room: str, user: str, max_rooms: int, max_members: int,
+                         change: str = "joined", by: str = "") -> bool:
+        """Make ``user`` a member, within both caps; True if they were not one before.
+        ``change`` and ``by`` describe it to webhooks (node.webhooks.MEMBER_CHANGES)."""
         if room == GENERAL:
             return False
         await self.pauses.point("rooms.before_add")
         with unavailable_on_redis_errors("join"):
-            added = int(await self._member_add(keys=[self.keys.room_members(room), self.keys.room_banned(room)],
-                                               args=[user, max_members]))
+            added = int(await self._member_add(
+                keys=[self.keys.room_members(room), self.keys.room_banned(room), self.streams.outbox.key(room)],
+                args=[user, max_members, self.streams.outbox.arg, room, change, by]))
         if added == -2:
             raise Forbidden(KICKED)
         if added < 0:
@@ -209,15 +226,20 @@ class Rooms:
             listed = int(await self._capped_add(keys=[self.keys.user_rooms(user)], args=[room, max_rooms]))
         if listed < 0:
             if added > 0:  # undo: the user may not be in one more room
-                with unavailable_on_redis_errors("join"):
-                    await self.redis.srem(self.keys.room_members(room), user)
+                await self.remove_member(room, user, user_side=False)
             raise rooms_quota_error(user, max_rooms)
         return added > 0
 
-    async def remove_member(self, room: str, user: str) -> bool:
+    async def remove_member(self, room: str, user: str, change: str = "left", by: str = "",
+                            user_side: bool = True) -> bool:
+        """The user is no member any more. ``change`` (left/kicked) and ``by`` go to webhooks."""
+        outbox = self.streams.outbox
         with unavailable_on_redis_errors("leave"):
-            removed = await self.redis.srem(self.keys.room_members(room), user)
-            await self.redis.srem(self.keys.user_rooms(user), room)
+            removed = await self._member_remove(
+                keys=[self.keys.room_members(room), outbox.key(room)],
+                args=[user, 0, outbox.arg, room, change, by])
+            if user_side:
+                await self.redis.srem(self.keys.user_rooms(user), room)
         return bool(removed)
 
     async def join(self, user: UserId, room: str, max_rooms: int, max_members: int) -> tuple[RoomMeta, bool]:
@@ -252,7 +274,7 @@ class Rooms:
         with unavailable_on_redis_errors("invite"):
             await self.redis.sadd(self.keys.room_invites(room), invitee)
         await self.unban(room, invitee)
-        return acc.meta, await self.add_member(room, invitee, max_rooms, max_members)
+        return acc.meta, await self.add_member(room, invitee, max_rooms, max_members, "invited", inviter)
 
     async def leave(self, user: UserId, room: str) -> RoomMeta:
         acc = await self.access(user, room)
@@ -277,7 +299,7 @@ class Rooms:
         # Both users' room quotas apply (a DM is a room of each); the caller's first.
         new = await self.add_member(room, user, max_rooms, 2)
         try:
-            new = await self.add_member(room, other, max_rooms, 2) or new
+            new = await self.add_member(room, other, max_rooms, 2, "invited", user) or new
         except BadRequest as exc:
             if new:  # no half-made DM: the caller leaves it again
                 await self.remove_member(room, user)

@@ -18,10 +18,13 @@ from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
 from .protocol import MAX_STREAM_PART, entry_seq, stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
+from .webhooks import Outbox, outbox_xadd
 
 # KEYS: stream, meta, cmid-key, members.  ARGV: maxlen, user, name, text, cmid, kind, cmid_ttl,
 # max_age_ms (0 = off), '1' if the cmid is the client's ('' if the node made it up), '1' if the
 # author must be a member (checked here, atomically, when the node trusted its own cache).
+# Webhooks: KEYS[5] the shard's outbox, ARGV[11] its maxlen ('0': off), ARGV[12] the room id
+# (node.webhooks: the outbox references the new entry, written in the same step).
 # Age trimming is relative to the new entry's id (Redis's clock, like the
 # ids), so a node's clock never decides what is old. XADD takes one trim strategy, hence XTRIM.
 # Every append carries a dedupe key: the client's cmid, or one the node made up, so that a
@@ -48,6 +51,7 @@ if max_age > 0 then
 end
 redis.call('HSET', KEYS[2], 'last_id', id)
 redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
+""" + outbox_xadd("KEYS[5]", "ARGV[11]", "'r'", "ARGV[12]", "'i'", "id") + """
 return {1, id .. ' ' .. seq}
 """
 
@@ -115,9 +119,11 @@ class RoomStreams:
     """Room data access for one node. Never holds state of its own besides the script handles."""
 
     def __init__(self, redis: Any, keys: Keys, *, maxlen: int, cmid_ttl_s: int,
-                 max_age_s: float = 0.0, wait_replicas: int = 0) -> None:
+                 max_age_s: float = 0.0, wait_replicas: int = 0, outbox: Outbox | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # The webhook outbox the scripts write to (node.webhooks); maxlen 0: webhooks off.
+        self.outbox = outbox if outbox is not None else Outbox(keys)
         self.maxlen = maxlen
         self.max_age_ms = int(max_age_s * 1000)  # CHAT_HISTORY_MAX_AGE; 0: no age trimming
         self.cmid_ttl_s = cmid_ttl_s
@@ -187,10 +193,11 @@ class RoomStreams:
             self.keys.room_meta(room),
             self.keys.room_cmid(room, user, own),
             self.keys.room_members(room),
+            self.outbox.key(room),
         ]
         args = [self.maxlen, user, name, text, own, kind,
                 self.cmid_ttl_s if cmid else RETRY_DEDUPE_TTL_S, self.max_age_ms, "1" if cmid else "",
-                "1" if check_member else ""]
+                "1" if check_member else "", self.outbox.arg, room]
         durable: bool | None = None
         with unavailable_on_redis_errors("append"):
             if self._durable is None:
