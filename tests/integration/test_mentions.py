@@ -10,7 +10,6 @@ import orjson
 
 from node.client import ChatClient
 from node.keys import Keys
-from node.mentions import mention_candidates
 
 
 async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
@@ -36,13 +35,6 @@ async def personal_alerts(redis_client, user: str) -> list[dict[str, Any]]:
     entries = await redis_client.xrange(keys.user_inbox(user), "-", "+")
     events = [orjson.loads(fields[b"d"]) for _, fields in entries]
     return [e for e in events if e.get("type") == "alert"]
-
-
-def test_mention_candidates():
-    text = "@bob hi @carol. and x@dave, @erin\t@bob @alice"
-    assert mention_candidates(text, "alice") == ["bob", "carol.", "carol", "erin"]
-    assert mention_candidates("@" + " @".join(f"u{i}" for i in range(30)), "x") == [f"u{i}" for i in range(20)]
-    assert mention_candidates("email me at a@b.c", "x") == []
 
 
 async def test_mentions_are_counted_and_lowered_by_reading(start_nodes, clients):
