@@ -162,7 +162,7 @@ class Commands:
             "kick": self.kick,
         }
         # v1.1 roles, kicks and mentions (their own modules; Redis handles shared with rooms).
-        self.roles = Roles(rooms.redis, rooms.keys)
+        self.roles = Roles(rooms.redis, rooms.keys, streams.outbox)
         self.mentions = Mentions(rooms.redis, rooms.keys, settings.personal_maxlen)
         # v1.1 edits and deletes (node.edits): the room streams' Redis handle and limits.
         self.edits = RoomEdits(streams.redis, streams.keys, maxlen=streams.maxlen,

@@ -25,6 +25,7 @@ from .errors import BadRequest, ChatError, Forbidden, NotFound
 from .keys import Keys
 from .redisio import as_str, unavailable_on_redis_errors
 from .streams import RoomMeta
+from .webhooks import Outbox, outbox_xadd
 
 ROLES = ("owner", "admin", "member")
 SETTABLE = ("admin", "member")
@@ -63,8 +64,9 @@ if ARGV[3] == 'admin' then return redis.call('HSET', KEYS[3], ARGV[2], 'admin') 
 return redis.call('HDEL', KEYS[3], ARGV[2])
 """
 
-# KEYS: meta, members, roles, banned.  ARGV: kicker, target, most banned users.
-# 1 kicked; < 0: refused (see KICK_ERRORS).
+# KEYS: meta, members, roles, banned, webhook outbox.  ARGV: kicker, target, most banned users,
+# outbox maxlen ('0': webhooks off), room.  1 kicked; < 0: refused (see KICK_ERRORS). The
+# webhook event (node.webhooks, change "kicked") is written in the same step.
 KICK_LUA = """
 local kind = redis.call('HGET', KEYS[1], 'kind')
 if not kind then return -1 end
@@ -83,6 +85,7 @@ end
 redis.call('SREM', KEYS[2], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[2])
+""" + outbox_xadd("KEYS[5]", "ARGV[4]", "'r'", "ARGV[5]", "'m'", "'kicked'", "'u'", "ARGV[2]", "'b'", "ARGV[1]") + """
 return 1
 """
 
@@ -116,9 +119,10 @@ def refusal(code: int, table: Refusals) -> ChatError:
 class Roles:
     """Role reads and the set_role/kick scripts. Holds no state besides the script handles."""
 
-    def __init__(self, redis: Any, keys: Keys) -> None:
+    def __init__(self, redis: Any, keys: Keys, outbox: Outbox | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.outbox = outbox if outbox is not None else Outbox(keys)
         self._set_role = redis.register_script(SET_ROLE_LUA)
         self._kick = redis.register_script(KICK_LUA)
 
@@ -148,8 +152,9 @@ class Roles:
         k = self.keys
         with unavailable_on_redis_errors("kick"):
             code = int(await self._kick(
-                keys=[k.room_meta(room), k.room_members(room), k.room_roles(room), k.room_banned(room)],
-                args=[kicker, target, max_banned]))
+                keys=[k.room_meta(room), k.room_members(room), k.room_roles(room), k.room_banned(room),
+                      self.outbox.key(room)],
+                args=[kicker, target, max_banned, self.outbox.arg, room]))
         if code < 0:
             raise refusal(code, KICK_ERRORS)
         with unavailable_on_redis_errors("kick"):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from node.client import ChatClient, ChatClientError
+from tests.integration.test_webhooks import hook_env, receiver  # noqa: F401 (the fixture)
 
 
 async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
@@ -162,3 +163,18 @@ async def test_a_kicked_user_cannot_rejoin_a_closed_room_they_were_invited_to(st
     assert await error_code(bob.request("history", room=room)) == "not_found"
     await alice.request("invite", room=room, user="bob")
     assert (await bob.request("history", room=room))["messages"] == []
+
+
+async def test_a_kick_is_a_webhook_membership_change(start_nodes, clients, receiver):  # noqa: F811
+    (a,) = start_nodes(1, **hook_env(receiver))
+    alice = await clients(a.ws_url, user="alice")
+    bob = await clients(a.ws_url, user="bob")
+    room = (await alice.request("create_room", name="W", visibility="open"))["room"]["id"]
+    await bob.request("join", room=room)
+    await alice.request("kick", room=room, user="bob")
+
+    def kicked() -> list[dict[str, Any]]:
+        return [e for e in receiver.events(room) if e["type"] == "member" and e["change"] == "kicked"]
+
+    await receiver.wait_for(lambda: bool(kicked()))
+    assert [(e["user"], e["by"]) for e in kicked()] == [("bob", "alice")]
