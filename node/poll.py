@@ -66,6 +66,7 @@ class Collected:
 
 
 POLL_CACHE_SWEEP_S = 5.0
+MAX_BEATS_PER_USER = 16  # poll sessions (tabs, devices) of one user whose heartbeats are known
 
 
 class PollWaiter:
@@ -100,6 +101,9 @@ class PollState:
     personal_epoch: str
     personal_pos: str  # the personal topic's position then: a newer entry may change the rooms
     expires: float
+    # Poll session -> when the presence entry its last heartbeat wrote expires (monotonic):
+    # a poll skips the heartbeat while that covers it (as a WebSocket beats every TTL/3).
+    beats: dict[str, float] = field(default_factory=dict)
 
 
 class PollCache:
@@ -139,15 +143,31 @@ class PollCache:
             self.forget(next(iter(self.states)))
         return fresh
 
+    def beat_needed(self, user: str, session: str, now: float, cover_s: float) -> bool:
+        """Whether this poll must write a presence heartbeat: the last one of ``session`` does
+        not keep it online for ``cover_s`` more seconds."""
+        state = self.states.get(user)
+        return state is None or state.beats.get(session, 0.0) - now < cover_s
+
+    def beaten(self, user: str, session: str, until: float) -> None:
+        state = self.states.get(user)
+        if state is not None:
+            if session not in state.beats and len(state.beats) >= MAX_BEATS_PER_USER:
+                state.beats.clear()
+            state.beats[session] = until
+
     def forget(self, user: str) -> None:
         state = self.states.pop(user, None)
         if state is not None:
             for topic in state.topics:
                 self.fanout.unpin(topic)
 
-    def idle(self, user: str, raw_cursors: Any, raw_personal: Any, ttl_s: float) -> Collected | None:
-        """The collection of a poll that has nothing new, if the node knows that without Redis;
-        ``None`` when it does not (take the full path)."""
+    def plan(self, user: str, raw_cursors: Any, raw_personal: Any,
+             ttl_s: float) -> tuple[Collected, dict[str, tuple[str, str]]] | None:
+        """What a poll must read, if the node knows the user's rooms and positions: the
+        collection so far (cursors at the node's positions, no personal entry since) and the
+        rooms whose cursor is behind the node's position, with the range to replay
+        (cursor, position). ``None`` when it does not know (take the full path)."""
         state = self.states.get(user)
         now = time.monotonic()
         if state is None:
@@ -165,12 +185,19 @@ class PollCache:
             return None
         out = Collected(personal={"epoch": state.personal_epoch, "id": personal.pos},
                         personal_last=personal.pos, metas=state.metas)
+        behind: dict[str, tuple[str, str]] = {}
         for topic in state.topics[:-1]:
-            if self.fanout.get(topic.key) is not topic or cursors[topic.name] != (topic.epoch, topic.pos):
+            epoch, cursor_id = cursors[topic.name]
+            if (self.fanout.get(topic.key) is not topic or epoch != topic.epoch
+                    or state.metas[topic.name].epoch != topic.epoch):
                 return None
-            out.cursors[topic.name] = {"epoch": topic.epoch, "id": topic.pos}
+            if cursor_id != topic.pos:
+                if stream_id_tuple(cursor_id) > stream_id_tuple(topic.pos):
+                    return None  # the client saw more than this node read so far
+                behind[topic.name] = (cursor_id, topic.pos)
+            out.cursors[topic.name] = {"epoch": topic.epoch, "id": cursor_id}
         state.expires = now + ttl_s
-        return out
+        return out, behind
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -332,6 +359,35 @@ class Poller:
             for topic in joined:
                 self.fanout.unsubscribe(topic, waiter)  # type: ignore[arg-type]
 
+    async def _replay(self, out: Collected, behind: dict[str, tuple[str, str]], limit: int) -> Collected:
+        """Complete a collection planned from the node's positions: the entries of the rooms
+        that moved, in one pipelined read, at most ``limit`` in all (the rest comes with the next
+        poll, as in :meth:`collect`)."""
+        if not behind:
+            return out
+        ranges = await self.streams.replay_ranges(behind, limit)
+        remaining = limit
+        for room, (cursor_id, upto) in behind.items():
+            meta = out.metas[room]
+            if remaining <= 0:
+                break
+            entries = ranges.get(room, [])
+            # At most limit + 2 entries were read from the cursor's own: a longer gap pages.
+            plan = plan_replay(meta.epoch, meta.epoch, cursor_id, upto, entries, len(entries))
+            out.recovered[room] = plan.recovered
+            if not plan.recovered:
+                out.events.append({"type": "room", "change": "updated", "recovered": False,
+                                   "room": room_summary(meta, upto, 0, 0, 0)})
+                out.cursors[room] = {"epoch": meta.epoch, "id": upto}
+                continue
+            last = cursor_id
+            for sid, fields in list(plan.entries)[:remaining]:
+                last = sid.decode()
+                out.events.append(message_event(room, last, fields))
+                remaining -= 1
+            out.cursors[room] = {"epoch": meta.epoch, "id": last}
+        return out
+
     async def _remember(self, user: str, collected: Collected, keep_s: float) -> None:
         ptopic, is_new = self.sessions.personal_topic(user, collected.personal_last, collected.personal["epoch"])
         fresh = self.cache.remember(user, collected, ptopic, keep_s)
@@ -373,20 +429,28 @@ class Poller:
         latest_ms = wait_ms + next_poll_ms(False, interval_ms, focused, s, load)
         # The node keeps what this poll learnt until a little after the next one is due.
         keep_s = latest_ms / 1000.0 + s.presence_ttl
-        idle = self.cache.idle(user, body.get("cursors"), body.get("personal"), keep_s) \
+        planned = self.cache.plan(user, body.get("cursors"), body.get("personal"), keep_s) \
             if s.poll_cache_users else None
-        if idle is not None:
+        now = time.monotonic()
+        beat_until = now + latest_ms / 1000.0 + s.presence_ttl
+        if planned is not None:
             METRICS.poll_cache.labels(result="hit").inc()
-            collected = idle
-            await self.online.poll_heartbeat(identity, session, latest_ms)
+            if self.cache.beat_needed(user, session, now, latest_ms / 1000.0 + s.presence_ttl * 2 / 3):
+                collected, _ = await concurrently(self._replay(*planned, s.replay_limit),
+                                                  self.online.poll_heartbeat(identity, session, latest_ms))
+                self.cache.beaten(user, session, beat_until)
+                METRICS.presence_heartbeats.inc()
+            else:
+                collected = await self._replay(*planned, s.replay_limit)
         else:
             collected, _ = await concurrently(
                 self.collect(identity, body.get("cursors"), body.get("personal"), s.replay_limit),
                 self.online.poll_heartbeat(identity, session, latest_ms))
+            METRICS.presence_heartbeats.inc()
             if s.poll_cache_users:
                 METRICS.poll_cache.labels(result="miss").inc()
                 await self._remember(user, collected, keep_s)
-        METRICS.presence_heartbeats.inc()
+                self.cache.beaten(user, session, beat_until)
         if not collected.events and wait_ms > 0 and not self.status.draining:
             self.waiting[user] += 1
             METRICS.polls_waiting.inc()
@@ -400,9 +464,16 @@ class Poller:
             # Timed out: no entry reached any of the user's topics (they were joined at or before
             # the collected cursors), so there is nothing to collect again.
             if woken:
-                collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
-                if s.poll_cache_users:
-                    await self._remember(user, collected, keep_s)
+                planned = self.cache.plan(user, collected.cursors, collected.personal, keep_s) \
+                    if s.poll_cache_users else None
+                if planned is not None:
+                    METRICS.poll_cache.labels(result="hit").inc()
+                    collected = await self._replay(*planned, s.replay_limit)
+                else:
+                    collected = await self.collect(identity, collected.cursors, collected.personal, s.replay_limit)
+                    if s.poll_cache_users:
+                        METRICS.poll_cache.labels(result="miss").inc()
+                        await self._remember(user, collected, keep_s)
         had_events = bool(collected.events)
         next_ms = next_poll_ms(had_events, interval_ms, focused, s, load)
         METRICS.polls.labels(result="events" if had_events else "empty").inc()

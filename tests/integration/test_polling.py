@@ -238,10 +238,14 @@ async def test_an_idle_poll_reads_nothing_from_redis_and_still_sees_every_change
         assert await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}') == hits + 4
         assert await redis_reads(a.http_url) == reads
 
-        # A message: the node's position is past the cursor, the poll collects it.
+        # A message: the node's position is past the cursor; the poll reads only that room's
+        # new entries (one replay read), not the user's rooms or personal stream again.
         await owner.send("general", "news")
         waiting = await poller.poll(wait_ms=10000)
         assert [e.get("text") for e in waiting] == ["news"]
+        after = await redis_reads(a.http_url)
+        assert (after["user_rooms"], after["personal"]) == (reads["user_rooms"], reads["personal"])
+        assert after["replay"] == reads["replay"] + 1
         # A membership change made on the other node reaches the idle poller (personal event),
         # and the new room's messages follow.
         await owner.request("invite", room=room, user="idle")
