@@ -233,10 +233,14 @@ async def test_an_idle_poll_reads_nothing_from_redis_and_still_sees_every_change
         assert await poller.poll() == []  # collected from Redis: the node keeps what it learnt
         hits = await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}')
         reads = await redis_reads(a.http_url)
+        beats = await metric(a.http_url, "chatcluster_presence_heartbeats_total")
         for _ in range(4):
             assert await poller.poll() == []
         assert await metric(a.http_url, 'chatcluster_poll_cache_total{result="hit"}') == hits + 4
         assert await redis_reads(a.http_url) == reads
+        # Nor a presence heartbeat: the first poll's keeps the user online well past the next.
+        assert await metric(a.http_url, "chatcluster_presence_heartbeats_total") == beats
+        assert (await owner.request("where", user="idle"))["online"] is True
 
         # A message: the node's position is past the cursor; the poll reads only that room's
         # new entries (one replay read), not the user's rooms or personal stream again.
