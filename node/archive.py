@@ -47,7 +47,7 @@ class RoomExport:
     room: str
     cut: str  # entries below this id were candidates
     exported: int = 0
-    last_id: str = ""  # the newest exported entry
+    last_id: str = ""  # the newest entry exported, or folded into the export (edits, deletes)
 
 
 @dataclass
@@ -115,6 +115,9 @@ async def _export_room(client: Any, keys: Keys, room: RoomExport, gz: Any, batch
             gz.write(archive_line(room.room, sid, fields, redisio.as_str(fold or b"")))
             room.exported += 1
             room.last_id = sid
+        if entries and pad_id(redisio.as_str(entries[-1][0])) > pad_id(room.last_id or "0-0"):
+            # Edit and delete entries after the last message: what they did is in the file.
+            room.last_id = redisio.as_str(entries[-1][0])
         if not full:
             return
         start = "(" + redisio.as_str(entries[-1][0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
@@ -164,13 +165,16 @@ class Commands:
         # v1.1 roles, kicks and mentions (their own modules; Redis handles shared with rooms).
         self.roles = Roles(rooms.redis, rooms.keys, streams.outbox)
         self.mentions = Mentions(rooms.redis, rooms.keys, settings.personal_maxlen)
-        # v1.1 edits and deletes (node.edits): the room streams' Redis handle and limits.
-        self.edits = RoomEdits(streams.redis, streams.keys, maxlen=streams.maxlen,
-                               max_age_ms=streams.max_age_ms)
         self._typing_seen: dict[tuple[str, str], float] = {}
         s = settings
         # create_room per user, per node, whatever the transport.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
+
+    @cached_property
+    def edits(self) -> RoomEdits:
+        """v1.1 edits and deletes (node.edits), on the room streams' Redis handle and limits."""
+        s = self.streams
+        return RoomEdits(s.redis, s.keys, maxlen=s.maxlen, max_age_ms=s.max_age_ms)
 
     async def execute(self, caller: Caller, frame: dict[str, Any]) -> Outcome:
         """The command gate: every command of every transport goes through here. Refuses

@@ -40,7 +40,7 @@ from typing import Any
 
 from .errors import BadRequest, Forbidden, NotFound
 from .keys import Keys, StreamId
-from .protocol import message_event
+from .protocol import MAX_STREAM_PART, message_event, stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
 
 # How long a command's dedupe key lives: longer than any retry of the command that wrote it.
@@ -331,6 +331,12 @@ class RoomEdits:
                       limit: int) -> tuple[list[dict[str, Any]], bool]:
         """A page of ``limit`` messages and tombstones in their latest state, oldest first, and
         whether more exist beyond it. ``before``/``after`` exclusive; neither: the newest."""
+        # Nothing is before the first possible id or after the last: Redis refuses those
+        # exclusive bounds ("invalid ID for the interval"), the answer is an empty page.
+        if before is not None and stream_id_tuple(before) == (0, 0):
+            return [], False
+        if after is not None and stream_id_tuple(after) == (MAX_STREAM_PART, MAX_STREAM_PART):
+            return [], False
         k = self.keys
         back = after is None
         bound = (before or "") if back else after

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from node.archive import archive, read_archive
 from node.client import ChatClient, ChatClientError
 from node.keys import Keys
 
@@ -326,3 +327,27 @@ async def test_unread_counts_ignore_edits_and_deletes(start_nodes, clients):
     await until(bob2, lambda e: e["type"] == "edit")
     bob3 = await clients(a.ws_url, user="bob")
     assert next(r for r in bob3.welcome["rooms"] if r["id"] == room)["unread"] == 0
+
+
+async def test_archive_exports_the_folded_state(start_nodes, clients, redis_client, tmp_path):
+    (a,) = start_nodes(1)
+    alice = await clients(a.ws_url, user="alice")
+    sent = [await alice.send("general", f"a{i}") for i in range(5)]
+    edited_at = (await alice.edit("general", sent[1]["id"], "a1 edited"))["edited_at"]
+    await alice.delete("general", sent[3]["id"])
+    await alice.edit("general", sent[4]["id"], "a4 edited")
+    out = tmp_path / "archive.jsonl.gz"
+    result = await archive(a.env["CHAT_REDIS_URL"], 0, out, batch=2)
+    lines = [line for line in read_archive(out) if line["room"] == "general"]
+    assert [(line["id"], line.get("text"), line.get("deleted")) for line in lines] == [
+        (sent[0]["id"], "a0", None), (sent[1]["id"], "a1 edited", None), (sent[2]["id"], "a2", None),
+        (sent[3]["id"], None, True), (sent[4]["id"], "a4 edited", None)]
+    assert lines[1]["edited_at"] == edited_at and lines[3]["from"]["id"] == "alice"
+    assert result.exported == 5
+    # Exported and trimmed with their edit and delete entries; their fold state is gone too.
+    assert await redis_client.xlen(KEYS.room_stream("general")) == 0
+    for key in (KEYS.room_folds("general"), KEYS.room_edited("general"), KEYS.room_tombs("general")):
+        assert await redis_client.exists(key) == 0, key
+    again = await archive(a.env["CHAT_REDIS_URL"], 0, tmp_path / "again.jsonl.gz")
+    assert again.exported == 0
+    assert (await alice.history("general"))["messages"] == []
