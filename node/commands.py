@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
@@ -162,9 +163,6 @@ class Commands:
             "set_role": self.set_role,
             "kick": self.kick,
         }
-        # v1.1 roles, kicks and mentions (their own modules; Redis handles shared with rooms).
-        self.roles = Roles(rooms.redis, rooms.keys, streams.outbox)
-        self.mentions = Mentions(rooms.redis, rooms.keys, settings.personal_maxlen)
         self._typing_seen: dict[tuple[str, str], float] = {}
         s = settings
         # create_room per user, per node, whatever the transport.
@@ -175,6 +173,16 @@ class Commands:
         """v1.1 edits and deletes (node.edits), on the room streams' Redis handle and limits."""
         s = self.streams
         return RoomEdits(s.redis, s.keys, maxlen=s.maxlen, max_age_ms=s.max_age_ms)
+
+    # v1.1 roles, kicks and mentions: their own modules, on the rooms' Redis handle (made on
+    # first use: a gate built without Redis, as in the unit tests, never needs them).
+    @cached_property
+    def roles(self) -> Roles:
+        return Roles(self.rooms.redis, self.rooms.keys, self.streams.outbox)
+
+    @cached_property
+    def mentions(self) -> Mentions:
+        return Mentions(self.rooms.redis, self.rooms.keys, self.settings.personal_maxlen)
 
     async def execute(self, caller: Caller, frame: dict[str, Any]) -> Outcome:
         """The command gate: every command of every transport goes through here. Refuses
