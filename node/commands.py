@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .auth import Identity
@@ -261,6 +260,7 @@ class Commands:
                 raise
         else:
             acc = await self.rooms.require_reader(caller.user, room)
+            await self.rooms.pauses.point("send.checked")
             # The script re-checks the membership: a kick landing after the check above
             # refuses the append instead of letting the message in after the removal.
             try:
@@ -448,12 +448,12 @@ class Commands:
     async def set_role(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         room = check_room_id(frame["room"])
         target = check_user_id(frame["user"])
-        acc = await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
+        await self.rooms.access(caller.user, room)  # not_found for rooms one may not see
         if await self.roles.set_role(room, caller.user, target, frame["role"]):
-            # The target's sessions (any node) see their new role in a room `updated` event.
-            summary = (await self.summaries.summaries(UserId(target), {room: acc.meta}))[0]
-            await self.personal.publish(target, {"type": "room", "change": "updated", "room": summary,
-                                                 "by": caller.user})
+            # The target's sessions (any node) see their new role in a room `updated` event. Its
+            # room object has only what changed (no epoch or last_id: cursors stay where they are).
+            await self.personal.publish(target, {"type": "room", "change": "updated",
+                                                 "room": {"id": room, "role": frame["role"]}, "by": caller.user})
         return {}
 
     async def kick(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
