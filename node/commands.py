@@ -167,12 +167,6 @@ class Commands:
         # create_room per user, per node, whatever the transport.
         self.create_room_buckets = KeyedBuckets(s.create_room_per_min / 60.0, s.create_room_burst)
 
-    @cached_property
-    def edits(self) -> RoomEdits:
-        """v1.1 edits and deletes (node.edits), on the room streams' Redis handle and limits."""
-        s = self.streams
-        return RoomEdits(s.redis, s.keys, maxlen=s.maxlen, max_age_ms=s.max_age_ms)
-
     # v1.1 roles, kicks and mentions: their own modules, on the rooms' Redis handle (made on
     # first use: a gate built without Redis, as in the unit tests, never needs them).
     @cached_property
@@ -182,6 +176,12 @@ class Commands:
     @cached_property
     def mentions(self) -> Mentions:
         return Mentions(self.rooms.redis, self.rooms.keys, self.settings.personal_maxlen)
+
+    @cached_property
+    def edits(self) -> RoomEdits:
+        """v1.1 edits and deletes (node.edits), on the room streams' Redis handle and limits."""
+        s = self.streams
+        return RoomEdits(s.redis, s.keys, maxlen=s.maxlen, max_age_ms=s.max_age_ms, outbox=s.outbox)
 
     async def execute(self, caller: Caller, frame: dict[str, Any]) -> Outcome:
         """The command gate: every command of every transport goes through here. Refuses

@@ -42,6 +42,7 @@ from .errors import BadRequest, Forbidden, NotFound
 from .keys import Keys, StreamId
 from .protocol import MAX_STREAM_PART, message_event, stream_id_tuple
 from .redisio import as_str, unavailable_on_redis_errors
+from .webhooks import Outbox, outbox_xadd
 
 # How long a command's dedupe key lives: longer than any retry of the command that wrote it.
 RETRY_DEDUPE_TTL_S = 60
@@ -61,10 +62,11 @@ local function unpad(p)
 end
 """
 
-# KEYS: 1 stream, 2 meta, 3 members, 4 folds, 5 edited, 6 tombs, 7 tomb ops, 8 dedupe.
+# KEYS: 1 stream, 2 meta, 3 members, 4 folds, 5 edited, 6 tombs, 7 tomb ops, 8 dedupe,
+# 9 the shard's webhook outbox.
 # ARGV: 1 target id, 2 user, 3 name, 4 text ('' for a delete), 5 maxlen, 6 max_age_ms (0 off),
 # 7 '1' if the user must be in the members set, 8 dedupe ttl, 9 '1' if the user may delete
-# others' messages (owner/admin).
+# others' messages (owner/admin), 10 the outbox maxlen ('0': webhooks off), 11 the room id.
 # Returns {1, entry id} | {-1} no room | {-2} not a member | {-3} no such message |
 # {-4} a system message | {-5} not the author.
 _LUA_COMMON = _LUA_IDS + """
@@ -87,6 +89,7 @@ local function appended(id)
   end
   redis.call('HSET', KEYS[2], 'last_id', id)
   redis.call('SET', KEYS[8], id, 'EX', ARGV[8])
+  """ + outbox_xadd("KEYS[9]", "ARGV[10]", "'r'", "ARGV[11]", "'i'", "id") + """
 end
 -- Entries removed by edits and deletes, counted in the metadata (``xdel``): with the stream's
 -- entries-added and length it tells whether anything was ever trimmed (see fill_holes).
@@ -279,9 +282,12 @@ class Changed:
 class RoomEdits:
     """Edit, delete and folded history of room messages. No state besides script handles."""
 
-    def __init__(self, redis: Any, keys: Keys, *, maxlen: int, max_age_ms: int = 0) -> None:
+    def __init__(self, redis: Any, keys: Keys, *, maxlen: int, max_age_ms: int = 0,
+                 outbox: Outbox | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        # Edits and deletes are webhook events too (node.webhooks), written in the same step.
+        self.outbox = outbox if outbox is not None else Outbox(keys)
         self.maxlen = maxlen
         self.max_age_ms = max_age_ms
         self._edit = redis.register_script(EDIT_LUA)
@@ -293,7 +299,7 @@ class RoomEdits:
         k = self.keys
         return [k.room_stream(room), k.room_meta(room), k.room_members(room), k.room_folds(room),
                 k.room_edited(room), k.room_tombs(room), k.room_tomb_ops(room),
-                k.room_cmid(room, user, "~op" + secrets.token_hex(8))]
+                k.room_cmid(room, user, "~op" + secrets.token_hex(8)), self.outbox.key(room)]
 
     async def _run(self, script: Any, op: str, room: str, user: str, args: list[Any]) -> Changed:
         with unavailable_on_redis_errors(op):
@@ -318,14 +324,14 @@ class RoomEdits:
         not in the room's members set (every room but ``general``)."""
         return await self._run(self._edit, "edit", room, user, [
             target, user, name, text, self.maxlen, self.max_age_ms, "1" if check_member else "",
-            RETRY_DEDUPE_TTL_S, ""])
+            RETRY_DEDUPE_TTL_S, "", self.outbox.arg, room])
 
     async def delete(self, room: str, user: str, name: str, target: str, check_member: bool,
                      moderator: bool) -> Changed:
         """Delete message ``target``: ``user``'s own, or any if ``moderator`` (owner/admin)."""
         return await self._run(self._delete, "delete", room, user, [
             target, user, name, "", self.maxlen, self.max_age_ms, "1" if check_member else "",
-            RETRY_DEDUPE_TTL_S, "1" if moderator else ""])
+            RETRY_DEDUPE_TTL_S, "1" if moderator else "", self.outbox.arg, room])
 
     async def history(self, room: str, *, before: str | None, after: str | None,
                       limit: int) -> tuple[list[dict[str, Any]], bool]:

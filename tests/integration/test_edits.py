@@ -13,6 +13,8 @@ from node.client import ChatClient, ChatClientError
 from node.keys import Keys
 
 from .test_polling import Poller
+from .test_webhooks import Receiver, hook_env, signed
+from .test_webhooks import receiver as receiver  # the fixture
 
 KEYS = Keys(16)
 
@@ -351,3 +353,24 @@ async def test_archive_exports_the_folded_state(start_nodes, clients, redis_clie
     again = await archive(a.env["CHAT_REDIS_URL"], 0, tmp_path / "again.jsonl.gz")
     assert again.exported == 0
     assert (await alice.history("general"))["messages"] == []
+
+
+async def test_edits_and_deletes_are_webhook_events_in_order(start_nodes, clients, receiver: Receiver):
+    # The endpoint holds the first delivery, so everything below happens before the rest goes out.
+    receiver.policy = lambda payload, attempt: None
+    (a,) = start_nodes(1, **hook_env(receiver, CHAT_WEBHOOK_TIMEOUT="20", CHAT_WEBHOOK_LEASE="60"))
+    alice = await clients(a.ws_url, user="alice", name="Alice")
+    m0 = await alice.send("general", "w0")
+    await receiver.wait_for(lambda: receiver.held == 1)
+    m1 = await alice.send("general", "w1")
+    await alice.edit("general", m0["id"], "w0 edited")
+    await alice.delete("general", m1["id"])
+    receiver.policy = lambda payload, attempt: 200
+    receiver.release()
+    await receiver.wait_for(lambda: any(e["type"] == "delete" for e in receiver.events("general")))
+    got = receiver.events("general")
+    # w1 was deleted before its delivery: its text is never sent, its delete is.
+    assert [brief(e) for e in got] == [("message", m0["id"], "w0"), ("edit", m0["id"], "w0 edited"),
+                                       ("delete", m1["id"], None)]
+    assert got[1]["by"] == {"id": "alice", "name": "Alice"} and all(signed(r) for r in receiver.requests)
+    assert all(b"w1" not in r["body"] for r in receiver.requests)
