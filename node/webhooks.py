@@ -59,6 +59,7 @@ BATCH = 100  # outbox entries read per XRANGE
 IDLE_POLL_S = 0.2  # how often an idle worker looks for new entries
 BACKOFF_MIN_S = 0.5
 TICK_MAX_S = 1.0
+STOP_WAIT_S = 2.0
 BACKOFF_MAX_S = 60.0
 
 
@@ -217,8 +218,13 @@ class Webhooks:
                     pause = self.tick_s - (time.monotonic() - started)
                     await asyncio.sleep(max(0.05, pause))
             finally:
-                for shard in list(self._workers):
-                    await self._stop_worker(shard)
+                workers = list(self._workers.values())
+                self._workers.clear()
+                self._heads.clear()
+                for task in workers:
+                    task.cancel()
+                if workers:
+                    await asyncio.wait(workers, timeout=STOP_WAIT_S)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._release_all())
 
@@ -265,8 +271,9 @@ class Webhooks:
         self._valid_until.pop(shard, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # Bounded: a cancellation swallowed by a library call ends the worker at its next
+            # turn anyway (it is no longer registered), and must not hold up the lease loop.
+            await asyncio.wait([task], timeout=STOP_WAIT_S)
 
     def _check_lease(self, shard: int, need_s: float = 0.0) -> None:
         """Raise :class:`LeaseLost` unless the lease surely lasts ``need_s`` more seconds."""
@@ -276,7 +283,8 @@ class Webhooks:
     async def _worker(self, shard: int) -> None:
         """Deliver the shard's outbox in order while the lease is ours; failures back off."""
         backoff = 0
-        while True:
+        me = asyncio.current_task()
+        while self._workers.get(shard) is me:
             try:
                 await self._drain(shard)
                 backoff = 0

@@ -54,3 +54,46 @@ async def test_cli_token_signs_a_token_the_node_accepts(start_nodes, clients):
     assert result.returncode == 0, result.stderr
     tina = await clients(a.ws_url, token=result.stdout.strip())
     assert tina.welcome["user"] == {"id": "tina", "name": "Tina T"}
+
+
+async def test_webhook_receiver_verifies_signatures_and_handles_each_delivery_once(start_nodes, clients):
+    import hashlib
+    import hmac
+    import json
+
+    import aiohttp
+
+    secret = "example-webhook-secret"
+    receiver = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples/webhook_receiver.py"), "--port", "0",
+        env={**os.environ, "CHAT_WEBHOOK_SECRET": secret},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert receiver.stdout is not None and receiver.stderr is not None
+        banner = (await asyncio.wait_for(receiver.stderr.readline(), 10)).decode()
+        url = banner.split("listening on ", 1)[1].strip()
+        (a,) = start_nodes(1, CHAT_WEBHOOK_URL=url, CHAT_WEBHOOK_SECRET=secret)
+        alice = await clients(a.ws_url, user="alice")
+        await alice.send("general", "to the webhook")
+        line = json.loads(await asyncio.wait_for(receiver.stdout.readline(), 30))
+        assert line["event"]["text"] == "to the webhook" and line["event"]["from"]["id"] == "alice"
+        # The same delivery again (a retry) is answered 2xx and not handled twice; a forged or
+        # unsigned body is refused.
+        body = json.dumps({"event": {"type": "message", "room": "general", "text": "forged"},
+                           "delivery": line["delivery"]}).encode()
+        good = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        async with aiohttp.ClientSession() as http:
+            for signature, status in ((good, 204), ("sha256=" + "0" * 64, 401), (None, 401)):
+                headers = {"X-Chat-Signature": signature} if signature else {}
+                async with http.post(url, data=body, headers=headers) as response:
+                    assert response.status == status
+            fresh = json.dumps({"event": {"type": "message", "text": "last"}, "delivery": "x-1"}).encode()
+            sig = "sha256=" + hmac.new(secret.encode(), fresh, hashlib.sha256).hexdigest()
+            async with http.post(url, data=fresh, headers={"X-Chat-Signature": sig}) as response:
+                assert response.status == 204
+        # The next line printed is the fresh delivery: the duplicate and the forgeries were not.
+        after = json.loads(await asyncio.wait_for(receiver.stdout.readline(), 10))
+        assert after["delivery"] == "x-1"
+    finally:
+        receiver.kill()
+        await receiver.wait()

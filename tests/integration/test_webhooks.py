@@ -34,6 +34,7 @@ class Receiver:
         self.accepted: list[dict[str, Any]] = []  # payloads answered 2xx, in answer order
         self.policy: Callable[[dict[str, Any], int], int | None] = lambda payload, attempt: 200
         self.held = 0
+        self.release_status = 200
         self._released = asyncio.Event()
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -54,7 +55,9 @@ class Receiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def release(self) -> None:
+    def release(self, status: int = 200) -> None:
+        """Answer the held requests with ``status`` (and hold no more)."""
+        self.release_status = status
         self._released.set()
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -68,7 +71,7 @@ class Receiver:
             self.held += 1
             await self._notify()
             await self._released.wait()
-            status = 200
+            status = self.release_status
         if 200 <= status < 300:
             self.accepted.append(payload)
         await self._notify()
@@ -275,7 +278,7 @@ async def test_a_node_killed_mid_delivery_loses_nothing(start_nodes, clients, re
     holder.proc.signal(signal.SIGKILL)
     holder.proc.popen.wait(10)
     receiver.policy = lambda payload, attempt: 200
-    receiver.release()
+    receiver.release(503)  # the dead node never got an answer: none of its requests counts
     await client.send("general", "after the kill")
     await receiver.wait_for(lambda: "after the kill" in texts(receiver.events("general")), timeout=60)
     assert texts(receiver.events("general")) == [f"m{i}" for i in range(5)] + ["after the kill"]
@@ -284,3 +287,23 @@ async def test_a_node_killed_mid_delivery_loses_nothing(start_nodes, clients, re
     assert again and again[-1]["body"] == receiver.requests[0]["body"]
     lease = await redis_client.get(keys.webhook_lease(keys.room_shard("general")))
     assert lease.decode().split("/")[0] == survivor.node_id
+
+
+async def test_a_message_removed_before_its_delivery_is_never_sent(start_nodes, clients, receiver, redis_client):
+    # The outbox references stream entries: once a delete removed a message's entry (XDEL, as
+    # the delete command does), its text is nowhere in Redis and is not sent.
+    receiver.policy = lambda payload, attempt: None
+    (a,) = start_nodes(1, **hook_env(receiver, CHAT_WEBHOOK_TIMEOUT="20", CHAT_WEBHOOK_LEASE="60"))
+    alice = await clients(a.ws_url, user="alice")
+    await alice.send("general", "m0")
+    await receiver.wait_for(lambda: receiver.held == 1)
+    secret = await alice.send("general", "secret")
+    await alice.send("general", "m2")
+    keys = Keys(16)
+    assert await redis_client.xdel(keys.room_stream("general"), secret["id"]) == 1
+    receiver.policy = lambda payload, attempt: 200
+    receiver.release()
+    await receiver.wait_for(lambda: "m2" in texts(receiver.events("general")))
+    assert texts(receiver.events("general")) == ["m0", "m2"]
+    assert all(b"secret" not in r["body"] for r in receiver.requests)
+    assert await metric([a], "chatcluster_webhook_deliveries_total", '{result="gone"}') == 1
