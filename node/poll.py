@@ -433,12 +433,15 @@ class Poller:
             if s.poll_cache_users else None
         now = time.monotonic()
         beat_until = now + latest_ms / 1000.0 + s.presence_ttl
+        # A poll without a session id gets a new one each time: its user's last heartbeat is
+        # what keeps them online, whichever id it was written under.
+        beat_key = session if isinstance(body.get("session"), str) else ""
         if planned is not None:
             METRICS.poll_cache.labels(result="hit").inc()
-            if self.cache.beat_needed(user, session, now, latest_ms / 1000.0 + s.presence_ttl * 2 / 3):
+            if self.cache.beat_needed(user, beat_key, now, latest_ms / 1000.0 + s.presence_ttl * 2 / 3):
                 collected, _ = await concurrently(self._replay(*planned, s.replay_limit),
                                                   self.online.poll_heartbeat(identity, session, latest_ms))
-                self.cache.beaten(user, session, beat_until)
+                self.cache.beaten(user, beat_key, beat_until)
                 METRICS.presence_heartbeats.inc()
             else:
                 collected = await self._replay(*planned, s.replay_limit)
@@ -450,7 +453,7 @@ class Poller:
             if s.poll_cache_users:
                 METRICS.poll_cache.labels(result="miss").inc()
                 await self._remember(user, collected, keep_s)
-                self.cache.beaten(user, session, beat_until)
+                self.cache.beaten(user, beat_key, beat_until)
         if not collected.events and wait_ms > 0 and not self.status.draining:
             self.waiting[user] += 1
             METRICS.polls_waiting.inc()

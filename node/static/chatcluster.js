@@ -983,7 +983,10 @@ export class ChatClient {
       const focused = this.anyFocused();
       const interval = this._pollInterval;
       try {
-        const body = { cursors: this.cursors, wait_ms: this.opts.pollWaitMs, interval_ms: interval, focused };
+        // The session id of the welcome (an extension of PROTOCOL.md 3): the node keeps one
+        // presence entry per polling tab and skips heartbeats that the last one still covers.
+        const body = { cursors: this.cursors, wait_ms: this.opts.pollWaitMs, interval_ms: interval, focused,
+          session: welcome.session };
         if (this.personal) body.personal = this.personal;
         const r = await this._post_http("/api/v1/poll", body, signal);
         failures = 0;
