@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .ratelimit import KeyedBuckets
 from .redisio import concurrently
-from .roles import Roles
+from .roles import ROLE_KINDS, Roles
 from .streams import NotMember
 from .unread import unread_count
 
@@ -400,7 +400,14 @@ class Commands:
         await self.rooms.require_reader(caller.user, room)
         users, count = await self.summaries.who(room, limit)
         names = await self.presence.names(users)
-        return {"online": [{"id": u, "name": names.get(u) or u} for u in users], "count": count}
+        online: list[dict[str, Any]] = [{"id": u, "name": names.get(u) or u} for u in users]
+        # Extension (v1.1): each user's role in created rooms, for member lists with moderation.
+        meta = await self.streams.meta(room) if room != GENERAL and not room.startswith("dm:") else None
+        if meta is not None and meta.kind in ROLE_KINDS:
+            roles = await self.roles.roles(meta, users)
+            for item in online:
+                item["role"] = roles[item["id"]]
+        return {"online": online, "count": count}
 
     async def where(self, caller: Caller, frame: dict[str, Any]) -> dict[str, Any]:
         target = check_user_id(frame["user"])

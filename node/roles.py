@@ -133,6 +133,14 @@ class Roles:
             stored = await self.redis.hget(self.keys.room_roles(meta.room), user)
         return role_of(meta, user, stored)
 
+    async def roles(self, meta: RoomMeta, users: list[str]) -> dict[str, str]:
+        """The role of each of ``users`` (one HMGET; none for rooms without roles)."""
+        if meta.kind not in ROLE_KINDS or not users:
+            return {u: role_of(meta, u, None) for u in users}
+        with unavailable_on_redis_errors("roles"):
+            stored = await self.redis.hmget(self.keys.room_roles(meta.room), users)
+        return {u: role_of(meta, u, s) for u, s in zip(users, stored, strict=True)}
+
     async def set_role(self, room: str, caller: str, target: str, role: str) -> bool:
         """Give ``target`` the role (owner only); True if it changed."""
         if role not in SETTABLE:

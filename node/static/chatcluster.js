@@ -1,4 +1,4 @@
-// chatcluster.js: the browser client of chatcluster (wire contract v1, docs/protocol.md).
+// chatcluster.js: the browser client of chatcluster (wire contract v1.1, docs/protocol.md).
 // An ES module with no dependencies and no build step:
 //
 //   import { ChatClient } from "/static/chatcluster.js";
@@ -19,10 +19,14 @@
 // - One connection per browser and user: tabs elect a leader (Web Locks, else a heartbeat
 //   protocol on BroadcastChannel) that holds the connection and relays events to the other
 //   tabs; followers send their commands through it. Only the focused tab emits `notify`.
+// - v1.1: edit()/delete() of messages (held messages follow the `edit`/`delete` events: edited
+//   text with edited_at, or a tombstone {deleted: true} with no text, in memory and storage),
+//   setRole()/kick()/members(), each room's `role`, `mentions` (unread messages that mention
+//   this user) and `read_by` (other members' read markers, from summaries and `receipt` events).
 //
 // The pure parts (decay, backoff, close codes, ids, elections) are exported for unit tests.
 
-export const VERSION = "1.0";
+export const VERSION = "1.1";
 const CLIENT_NAME = `chatcluster-js/${VERSION}`;
 
 // ---------------------------------------------------------------------------------------
@@ -96,6 +100,88 @@ export function jwtSubject(token) {
 export function dmPeer(roomId, me) {
   const [, a, b] = String(roomId).split(":");
   return a === me ? b : a;
+}
+
+// -- mentions (protocol v1.1, 5.2): the same rule as the node's (node/mentions.py) -------------
+
+/** `@word` at the start of the text or after whitespace; the word as a user id may go on. */
+const MENTION_RE = /(?<!\S)@([A-Za-z0-9_.@-]{1,64})/g;
+const USER_ID_RE = /^[A-Za-z0-9_.@-]{1,64}$/;
+export const MAX_MENTIONS = 20; // @words considered per message, as on the node
+
+/**
+ * The user ids a text may mention, in text order (membership is the node's call): each of the
+ * first MAX_MENTIONS `@words`, also without a trailing `.`, `-` or `@` ("@bob." names bob).
+ */
+export function mentionCandidates(text, author = null, cap = MAX_MENTIONS) {
+  const out = [];
+  let words = 0;
+  for (const m of String(text || "").matchAll(MENTION_RE)) {
+    const word = m[1];
+    for (const user of [word, word.replace(/[.\-@]+$/, "")]) {
+      if (user && user !== author && !out.includes(user) && USER_ID_RE.test(user)) out.push(user);
+    }
+    if (++words >= cap) break;
+  }
+  return out;
+}
+
+/** Whether a message event mentions `userId` (never one's own, never a system message). */
+export function mentionsUser(msg, userId) {
+  if (!msg || msg.kind === "system" || msg.deleted || !msg.from || msg.from.id === userId) return false;
+  return mentionCandidates(msg.text, msg.from.id).includes(userId);
+}
+
+/**
+ * A text cut into parts for display: `{text}` and `{text, mention: userId}` (the `@` and the
+ * id, a trailing `.`/`-` left outside). Joined, the parts give the text back unchanged; render
+ * each part as a text node (never as HTML).
+ */
+export function mentionParts(text) {
+  const s = String(text || "");
+  const parts = [];
+  let last = 0;
+  for (const m of s.matchAll(MENTION_RE)) {
+    const user = m[1].replace(/[.\-@]+$/, "");
+    if (!user || !USER_ID_RE.test(user)) continue;
+    if (m.index > last) parts.push({ text: s.slice(last, m.index) });
+    parts.push({ text: "@" + user, mention: user });
+    last = m.index + 1 + user.length;
+  }
+  if (last < s.length || !parts.length) parts.push({ text: s.slice(last) });
+  return parts;
+}
+
+/**
+ * The `@` word being typed at `caret` in a composer: `{start, query}` (start: the index of the
+ * `@`, query: what follows it up to the caret) or null when the caret is not in one.
+ */
+export function mentionQuery(text, caret = String(text).length) {
+  const before = String(text).slice(0, caret);
+  const m = /(?:^|\s)@([A-Za-z0-9_.@-]{0,64})$/.exec(before);
+  if (!m) return null;
+  return { start: caret - m[1].length - 1, query: m[1] };
+}
+
+/** Users whose id or name starts with (then contains) `query`, case-insensitive, at most `limit`. */
+export function mentionMatches(users, query, limit = 8) {
+  const q = String(query || "").toLowerCase();
+  const scored = [];
+  for (const u of users) {
+    const id = u.id.toLowerCase();
+    const name = String(u.name || "").toLowerCase();
+    const rank = id.startsWith(q) ? 0 : name.startsWith(q) || name.split(/\s+/).some((w) => w.startsWith(q)) ? 1
+      : id.includes(q) || name.includes(q) ? 2 : -1;
+    if (rank >= 0) scored.push([rank, u]);
+  }
+  scored.sort((a, b) => a[0] - b[0] || a[1].id.localeCompare(b[1].id));
+  return scored.slice(0, limit).map(([, u]) => u);
+}
+
+/** Whether a direct room's other member has read up to message `id` (from read_by/receipts). */
+export function seenBy(room, id, userId) {
+  if (!room || !id || !Array.isArray(room.read_by)) return false;
+  return room.read_by.some((r) => r && r.id !== userId && r.read_id && r.read_id !== "0-0" && compareIds(r.read_id, id) >= 0);
 }
 
 function randomId(n = 12) {
@@ -497,6 +583,37 @@ export class ChatClient {
   where(user) { return this.request("where", { user }); }
   ping() { return this.request("ping"); }
 
+  // v1.1 (PROTOCOL.md 5.1). The held messages change when the `edit`/`delete` event arrives
+  // (every session of the room gets it, this one too), so all tabs and transports agree.
+  /** Edit one's own message; resolves with {id, edited_at}. */
+  edit(room, id, text) { return this.request("edit", { room, id, text }); }
+  /** Delete a message (one's own, or any as the room's owner/admin); resolves with {id}. */
+  delete(room, id) { return this.request("delete", { room, id }); }
+  /** Make a member `admin` or `member` (the room's owner only). */
+  setRole(room, user, role) { return this.request("set_role", { room, user, role }); }
+  /** Remove a member from the room (owner/admin); they may come back only when invited. */
+  kick(room, user) { return this.request("kick", { room, user }); }
+  /**
+   * The room's online members as [{id, name, role?}] (the node's `who`; `role` is there in
+   * created rooms), sorted by id.
+   */
+  members(room, limit = 100) { return this.who(room, limit).then((d) => d.online || []); }
+
+  /** This user's role in a room: "owner" | "admin" | "member". */
+  roleIn(room) { return (this.rooms.get(room) || {}).role || "member"; }
+
+  /** Whether this user may delete `msg` (theirs, or any as the room's owner/admin). */
+  canDelete(msg) {
+    if (!msg || msg.deleted || msg.kind === "system" || !msg.id) return false;
+    const role = this.roleIn(msg.room);
+    return (msg.from && msg.from.id === this.userId) || role === "owner" || role === "admin";
+  }
+
+  /** Whether this user may edit `msg` (their own, not deleted, not a system message). */
+  canEdit(msg) {
+    return !!(msg && msg.id && !msg.deleted && msg.kind !== "system" && msg.from && msg.from.id === this.userId);
+  }
+
   typing(room) {
     this._route({ type: "typing", room }, { noReply: true }).catch(() => {});
   }
@@ -509,12 +626,17 @@ export class ChatClient {
     if (!r || !id || id === "0-0") return Promise.resolve();
     if (r.unread === 0 && r.read_id && compareIds(r.read_id, id) >= 0) return Promise.resolve();
     r.unread = 0;
+    r.mentions = 0;
     r.read_id = id;
     this.emit("rooms", {});
-    this._broadcastLocal({ type: "unread", room, unread: 0, read_id: id });
+    this._broadcastLocal({ type: "unread", room, unread: 0, read_id: id, mentions: 0 });
     return this.request("read", { room, id }).then((d) => {
       if (typeof d.unread === "number" && d.unread !== r.unread) {
         r.unread = d.unread;
+        this.emit("rooms", {});
+      }
+      if (typeof d.mentions === "number" && d.mentions !== r.mentions) {
+        r.mentions = d.mentions;
         this.emit("rooms", {});
       }
       return d;
@@ -530,6 +652,13 @@ export class ChatClient {
   unreadTotal() {
     let n = 0;
     for (const r of this.rooms.values()) n += r.unread || 0;
+    return n;
+  }
+
+  /** Messages that mention this user, not read yet, over all rooms. */
+  mentionTotal() {
+    let n = 0;
+    for (const r of this.rooms.values()) n += r.mentions || 0;
     return n;
   }
 
@@ -1105,7 +1234,22 @@ export class ChatClient {
         if (r) {
           r.unread = ev.unread;
           if (ev.read_id) r.read_id = ev.read_id;
+          if (typeof ev.mentions === "number") r.mentions = ev.mentions;
         }
+        return true;
+      }
+      case "edit":
+      case "delete":
+        return this._applyChange(ev);
+      case "receipt": {
+        const r = this.rooms.get(ev.room);
+        const uid = ev.user && (typeof ev.user === "string" ? ev.user : ev.user.id);
+        if (!r || !uid || !ev.read_id || uid === this.userId) return false;
+        const list = Array.isArray(r.read_by) ? r.read_by.filter((x) => x && x.id !== uid) : [];
+        const had = (r.read_by || []).find((x) => x && x.id === uid);
+        const readId = had && had.read_id && compareIds(had.read_id, ev.read_id) > 0 ? had.read_id : ev.read_id;
+        list.push({ id: uid, read_id: readId });
+        r.read_by = list.slice(-50); // receipts come from rooms of at most CHAT_RECEIPTS_ROOM_LIMIT members
         return true;
       }
       case "room": {
@@ -1204,8 +1348,34 @@ export class ChatClient {
       if (typeof m.seq === "number") r.seq = m.seq;
       r.last_ts = m.ts;
       if (m.from && m.from.id !== this.userId && m.kind !== "system") r.unread = (r.unread || 0) + 1;
+      if (mentionsUser(m, this.userId)) r.mentions = (r.mentions || 0) + 1;
     }
     if (m.cmid && m.from && m.from.id === this.userId) this._dropOutbox(m.cmid);
+    return true;
+  }
+
+  /**
+   * An `edit` or `delete` event: the held message takes its latest state (a deleted one keeps
+   * no text, so neither memory nor storage does), and the room's cursor moves to the entry
+   * (`entry_id`, an extension of the node's: the edit/delete entry's own stream id).
+   */
+  _applyChange(ev) {
+    const cur = this.cursors[ev.room];
+    const entry = ev.entry_id;
+    if (entry && cur && compareIds(entry, cur.id) <= 0) return false; // seen already
+    if (entry && cur) cur.id = entry;
+    const list = this.msgs.get(ev.room) || [];
+    const i = list.findIndex((x) => x.id === ev.id);
+    if (i >= 0) {
+      const old = list[i];
+      if (ev.type === "delete") {
+        const tomb = { room: old.room || ev.room, id: old.id, seq: old.seq, ts: old.ts, from: old.from, deleted: true };
+        if (ev.by) tomb.deleted_by = ev.by;
+        list[i] = tomb;
+      } else if (!old.deleted) {
+        list[i] = { ...old, text: ev.text, edited_at: ev.edited_at };
+      }
+    }
     return true;
   }
 
