@@ -17,7 +17,7 @@ from .auth import Identity
 from .edits import NotAuthor, RoomEdits
 from .errors import BadRequest, ChatError, Internal, RateLimited, error_body
 from .keys import GENERAL, UserId
-from .mentions import Mentions
+from .mentions import Mentions, mention_candidates
 from .metrics import METRICS
 from .protocol import (
     CMID_RE,
@@ -278,10 +278,12 @@ class Commands:
     async def _mentions(self, caller: Caller, room: str, sid: str, seq: int, text: str) -> None:
         """Count a stored message for the members it mentions. The message stands whatever
         happens here: a failure is logged (throttled) and the counts may miss it."""
+        if not mention_candidates(text, caller.user):
+            return  # no @word at all: no Redis work
         try:
             meta = None if room == GENERAL else await self.streams.meta(room)
-            await self.mentions.record(room, meta.name if meta else "General", seq, sid, caller.user,
-                                       caller.identity.name, text)
+            where = "General" if meta is None else "a direct message" if meta.kind == "direct" else meta.name
+            await self.mentions.record(room, where, seq, sid, caller.user, caller.identity.name, text)
         except ChatError as exc:
             self.errors.error("mentions", exc)
 
