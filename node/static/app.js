@@ -3,7 +3,9 @@
 // takes its login from the parent page by postMessage), ?room=ID (room to open first),
 // ?user=ID&name=NAME (dev auth login). A JWT may be given as #token=... (never in the query).
 
-import { ChatClient, attachBadge, compareIds, dmPeer, userIdFromName } from "./chatcluster.js";
+import {
+  ChatClient, attachBadge, compareIds, dmPeer, mentionMatches, mentionParts, mentionQuery, mentionsUser, seenBy, userIdFromName,
+} from "./chatcluster.js";
 
 const $ = (sel) => document.querySelector(sel);
 const params = new URLSearchParams(location.search);
@@ -99,6 +101,9 @@ const ICONS = {
   system: '<circle cx="12" cy="12" r="3"/><path d="M19.4 15a1.7 1.7 0 0 0 .3 1.8l.1.1a2 2 0 1 1-2.8 2.8l-.1-.1a1.7 1.7 0 0 0-1.8-.3 1.7 1.7 0 0 0-1 1.5V21a2 2 0 1 1-4 0v-.1a1.7 1.7 0 0 0-1.1-1.5 1.7 1.7 0 0 0-1.8.3l-.1.1a2 2 0 1 1-2.8-2.8l.1-.1a1.7 1.7 0 0 0 .3-1.8 1.7 1.7 0 0 0-1.5-1H3a2 2 0 1 1 0-4h.1a1.7 1.7 0 0 0 1.5-1.1 1.7 1.7 0 0 0-.3-1.8l-.1-.1a2 2 0 1 1 2.8-2.8l.1.1a1.7 1.7 0 0 0 1.8.3H9a1.7 1.7 0 0 0 1-1.5V3a2 2 0 1 1 4 0v.1a1.7 1.7 0 0 0 1 1.5 1.7 1.7 0 0 0 1.8-.3l.1-.1a2 2 0 1 1 2.8 2.8l-.1.1a1.7 1.7 0 0 0-.3 1.8V9a1.7 1.7 0 0 0 1.5 1H21a2 2 0 1 1 0 4h-.1a1.7 1.7 0 0 0-1.5 1z"/>',
   message: '<path d="M21 12a8 8 0 0 1-11.6 7.1L4 20l1-4.6A8 8 0 1 1 21 12z"/>',
   info: '<circle cx="12" cy="12" r="9"/><path d="M12 11v5M12 8h.01"/>',
+  more: '<circle cx="5" cy="12" r="1.6"/><circle cx="12" cy="12" r="1.6"/><circle cx="19" cy="12" r="1.6"/>',
+  edit: '<path d="M12 20h9M16.5 3.5a2.1 2.1 0 0 1 3 3L7 19l-4 1 1-4z"/>',
+  trash: '<path d="M3 6h18M8 6V4h8v2M6 6l1 14h10l1-14M10 11v6M14 11v6"/>',
   error: '<path d="M10.3 3.9 1.8 18a2 2 0 0 0 1.7 3h17a2 2 0 0 0 1.7-3L13.7 3.9a2 2 0 0 0-3.4 0zM12 9v4M12 17h.01"/>',
 };
 
@@ -175,11 +180,25 @@ function linkify(text) {
   const re = /\bhttps?:\/\/[^\s<>"']+[^\s<>"'.,;:!?)\]]/g;
   let last = 0;
   for (const m of text.matchAll(re)) {
-    frag.append(text.slice(last, m.index));
+    frag.append(mentionify(text.slice(last, m.index)));
     frag.append(el("a", { href: m[0], target: "_blank", rel: "noopener noreferrer" }, m[0]));
     last = m.index + m[0].length;
   }
-  frag.append(text.slice(last));
+  frag.append(mentionify(text.slice(last)));
+  return frag;
+}
+
+/** `@user` words as highlighted spans (text nodes only: user text never becomes HTML). */
+function mentionify(text) {
+  const frag = document.createDocumentFragment();
+  for (const part of mentionParts(text)) {
+    if (!part.mention) frag.append(part.text);
+    else {
+      const me = client && part.mention === client.userId;
+      frag.append(el("span", { class: `mention${me ? " me" : ""}`, title: names.get(part.mention) || part.mention,
+        dataset: { user: part.mention } }, part.text));
+    }
+  }
   return frag;
 }
 
@@ -281,6 +300,9 @@ function bindClient(c) {
   c.on("typing", onTyping);
   c.on("presence", (p) => { renderRooms(); if (p.room === current) { renderHeader(); if (!$("#people").hidden) loadPeople(); } });
   c.on("room", onRoomEvent);
+  c.on("edit", onChange);
+  c.on("delete", onChange);
+  c.on("receipt", onChange);
   c.on("reset", (e) => { if (e.room === current) openRoom(current); });
   c.on("notify", onNotify);
   c.on("focus", () => { if (current) client.markRead(current); });
@@ -344,6 +366,8 @@ function peerOnline(r) {
   return (r.online || 0) >= 2;
 }
 
+const roomNames = new Map(); // room id -> label, kept for rooms gone from the client (a kick)
+
 function renderRooms() {
   if (!client) return;
   const rooms = $("#room-list");
@@ -364,7 +388,9 @@ function renderRooms() {
         : el("span", { class: "room-icon" }, roomIcon(r)),
       el("span", { class: "room-name" }, roomLabel(r)),
       !direct && r.online ? el("span", { class: "room-online", title: `${r.online} online` }, el("i", { class: "dot on" })) : null,
+      r.mentions ? el("span", { class: "badge mention", title: `${r.mentions} mention${r.mentions === 1 ? "" : "s"}` }, `@${r.mentions > 99 ? "99+" : r.mentions}`) : null,
       r.unread ? el("span", { class: "badge", title: `${r.unread} unread` }, r.unread > 99 ? "99+" : r.unread) : null));
+    roomNames.set(r.id, roomText(r));
     (direct ? dms : rooms).append(li);
   }
   if (!dms.children.length) dms.append(el("li", { class: "muted empty" }, "No conversations yet"));
@@ -451,6 +477,13 @@ function onRoomEvent(ev) {
   if (ev.change === "added" && r.kind !== "direct") {
     toast({ kind: "info", title: `You were added to ${roomText(r)}`, onclick: () => openRoom(r.id) });
   }
+  if (ev.change === "removed" && ev.by && ev.by !== client.userId) {
+    toast({ kind: "info", title: `You were removed from ${roomNames.get(r.id) || r.id}`, body: `by ${names.get(ev.by) || ev.by}` });
+  }
+  if (ev.change === "updated" && r.role && ev.by) {
+    toast({ kind: "info", title: `You are now ${r.role === "admin" ? "an admin" : "a member"} of ${roomNames.get(r.id) || r.id}`, timeout: 4000 });
+    if (r.id === current) { renderMessages(); if (!$("#people").hidden) loadPeople(); }
+  }
   if (ev.change === "removed" && r.id === current) openRoom("general");
   if (ev.recovered === false && r.id === current) openRoom(current);
 }
@@ -466,7 +499,7 @@ function scrollToBottom() {
   s.scrollTop = s.scrollHeight;
 }
 
-function messageItem(m, prev, pending = false) {
+function messageItem(m, prev, pending = false, seen = false) {
   const mine = m.from && m.from.id === client.userId;
   const continued = prev && !prev.local && prev.from && m.from && prev.from.id === m.from.id && prev.kind !== "system"
     && m.kind !== "system" && (m.ts || 0) - (prev.ts || 0) < 5 * 60 * 1000;
@@ -474,8 +507,11 @@ function messageItem(m, prev, pending = false) {
     return el("li", { class: `msg system${m.local ? " local" : ""}`, dataset: { id: m.id || "" } },
       el("div", { class: "text" }, linkify(m.text)));
   }
+  const msg = { ...m, room: m.room || current };
+  const actions = !pending && (client.canEdit(msg) || client.canDelete(msg));
   return el("li", {
-    class: `msg${mine ? " mine" : ""}${continued ? " continued" : ""}${pending ? " pending" : ""}`,
+    class: `msg${mine ? " mine" : ""}${continued ? " continued" : ""}${pending ? " pending" : ""}${m.deleted ? " deleted" : ""}`
+      + `${!m.deleted && mentionsUser(m, client.userId) ? " mentions-me" : ""}`,
     dataset: pending ? { cmid: m.cmid } : { id: m.id, cmid: m.cmid || "" },
   },
   continued ? el("span", { class: "gutter" }) : avatar(m.from),
@@ -483,8 +519,54 @@ function messageItem(m, prev, pending = false) {
     continued ? null : el("div", { class: "meta" },
       el("strong", { class: "author" }, (m.from && (m.from.name || m.from.id)) || "?"),
       el("time", { datetime: new Date(m.ts || Date.now()).toISOString() }, time(m.ts))),
-    el("div", { class: "text" }, linkify(m.text)),
-    pending ? el("span", { class: "sending" }, "sending…") : null));
+    m.deleted ? el("div", { class: "text tombstone" }, "Message deleted")
+      : el("div", { class: "text" }, linkify(m.text || "")),
+    m.edited_at && !m.deleted ? el("span", { class: "edited", title: `Edited ${time(m.edited_at)}` }, "(edited)") : null,
+    pending ? el("span", { class: "sending" }, "sending…") : null,
+    seen ? el("div", { class: "seen", title: "Read by the other member" }, "Seen") : null),
+  actions ? el("button", { class: "icon-btn msg-more", type: "button", title: "Message actions", "aria-label": "Message actions",
+    onclick: (e) => { e.stopPropagation(); openMessageMenu(e.currentTarget, msg); } }, icon("more")) : null);
+}
+
+// -- per-message actions (v1.1): edit your own messages, delete them (any, as owner/admin) ---------
+const msgMenu = el("div", { class: "msg-menu", id: "msg-menu", role: "menu", hidden: true });
+document.body.append(msgMenu);
+document.addEventListener("click", (e) => { if (!msgMenu.contains(e.target)) msgMenu.hidden = true; });
+addEventListener("keydown", (e) => { if (e.key === "Escape") msgMenu.hidden = true; });
+
+function openMessageMenu(anchor, m) {
+  const items = [];
+  if (client.canEdit(m)) items.push(el("button", { type: "button", role: "menuitem", dataset: { action: "edit" }, onclick: () => { msgMenu.hidden = true; editMessage(m); } }, icon("edit"), "Edit"));
+  if (client.canDelete(m)) items.push(el("button", { type: "button", role: "menuitem", class: "danger", dataset: { action: "delete" }, onclick: () => { msgMenu.hidden = true; deleteMessage(m); } }, icon("trash"), "Delete"));
+  msgMenu.replaceChildren(...items);
+  msgMenu.hidden = false;
+  const r = anchor.getBoundingClientRect();
+  msgMenu.style.top = `${Math.min(r.bottom + 4, innerHeight - msgMenu.offsetHeight - 8)}px`;
+  msgMenu.style.left = `${Math.max(8, r.right - msgMenu.offsetWidth)}px`;
+}
+
+function editMessage(m) {
+  const before = (client.messages(m.room).find((x) => x.id === m.id) || m).text || "";
+  const area = el("textarea", { name: "text", rows: 3, required: true, maxlength: client.limits.max_text_chars || 4000 });
+  area.value = before;
+  dialog("Edit message", [el("label", { class: "field" }, el("span", {}, "Text"), area)], "Save", async (f) => {
+    const text = String(f.get("text") || "").trim();
+    if (!text || text === before) return;
+    await client.edit(m.room, m.id, text);
+  });
+  area.focus();
+  area.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); area.form.requestSubmit(); }
+  });
+}
+
+function deleteMessage(m) {
+  const preview = (client.messages(m.room).find((x) => x.id === m.id) || m).text || "";
+  const theirs = m.from && m.from.id !== client.userId;
+  dialog("Delete this message?", [
+    el("p", { class: "muted" }, theirs ? `A message of ${m.from.name || m.from.id}, for everyone in the room:` : "For everyone in the room:"),
+    el("blockquote", { class: "quote" }, preview.length > 200 ? preview.slice(0, 200) + "…" : preview),
+  ], "Delete", () => client.delete(m.room, m.id));
 }
 
 const localNotes = new Map(); // room -> notes shown after the messages (text command output)
@@ -497,8 +579,17 @@ function renderMessages(scroll = false) {
   learnNames(list);
   const items = [];
   let prev = null;
+  // "Seen" under my last message of a direct room once the other member's marker reaches it.
+  const room = client.rooms.get(current);
+  let seenId = null;
+  if (room && room.kind === "direct") {
+    for (let i = list.length - 1; i >= 0; i--) {
+      if (list[i].from && list[i].from.id === client.userId && !list[i].deleted) { seenId = list[i].id; break; }
+    }
+    if (seenId && !seenBy(room, seenId, client.userId)) seenId = null;
+  }
   for (const m of list) {
-    items.push(messageItem(m, prev));
+    items.push(messageItem(m, prev, false, m.id === seenId));
     prev = m;
   }
   const ids = new Set(list.map((m) => m.cmid).filter(Boolean));
@@ -529,13 +620,22 @@ function onMessage(m) {
   if (client.focused()) client.markRead(current, m.id);
 }
 
+/** An edit, a delete or a read receipt of the room on screen: draw it again. */
+function onChange(ev) {
+  if (ev.room !== current) return;
+  const stick = atBottom();
+  renderMessages();
+  if (stick) scrollToBottom();
+}
+
 function onNotify(ev) {
   if (ev.type === "alert") {
     toast({ kind: ev.kind || "system", title: ev.title || "Alert", body: ev.body || "", timeout: 8000 });
   } else if (ev.type === "message" && ev.room !== current) {
     const r = client.rooms.get(ev.room);
     const where = r && r.kind === "direct" ? "" : ` in #${roomLabel(r) || ev.room}`;
-    toast({ kind: "message", title: `${ev.from.name || ev.from.id}${where}`, body: ev.text.slice(0, 140), onclick: () => openRoom(ev.room) });
+    const verb = mentionsUser(ev, client.userId) ? " mentioned you" : "";
+    toast({ kind: "message", title: `${ev.from.name || ev.from.id}${verb}${where}`, body: ev.text.slice(0, 140), onclick: () => openRoom(ev.room) });
   }
 }
 
@@ -564,12 +664,14 @@ function renderTyping() {
 // -- composer and text commands ------------------------------------------------------------------
 const input = $("#input");
 input.addEventListener("keydown", (e) => {
+  if (mentionKey(e)) return;
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     $("#composer").requestSubmit();
   }
 });
 input.addEventListener("input", () => {
+  updateMentionPop();
   input.style.height = "auto";
   input.style.height = Math.min(input.scrollHeight, 160) + "px";
   const now = Date.now();
@@ -585,6 +687,7 @@ $("#composer").addEventListener("submit", async (e) => {
   if (!text || !client || !current) return;
   input.value = "";
   input.style.height = "auto";
+  hideMentionPop();
   lastTypingSent = 0;
   if (text.startsWith("/") && !text.startsWith("//")) {
     await textCommand(text);
@@ -600,6 +703,85 @@ $("#composer").addEventListener("submit", async (e) => {
     renderMessages();
   }
 });
+
+// -- @ autocomplete (v1.1 mentions): the room's online members and the authors seen in it ---------
+const mentionPop = el("ul", { class: "mention-pop", id: "mention-pop", role: "listbox", hidden: true });
+$("#composer").before(mentionPop);
+let mentionState = null; // {start, query, users, active}
+input.addEventListener("blur", () => setTimeout(() => { if (document.activeElement !== input) hideMentionPop(); }, 150));
+input.addEventListener("click", updateMentionPop);
+
+function mentionUsers(room) {
+  const seen = new Map();
+  const cached = memberCache.get(room);
+  for (const u of (cached && cached.users) || []) seen.set(u.id, { id: u.id, name: u.name || names.get(u.id) || u.id });
+  for (const m of client.messages(room)) if (m.from && m.from.id && m.kind !== "system") seen.set(m.from.id, { id: m.from.id, name: m.from.name || m.from.id });
+  const r = client.rooms.get(room);
+  if (r && r.kind === "direct") { const peer = dmPeer(room, client.userId); seen.set(peer, { id: peer, name: names.get(peer) || peer }); }
+  seen.delete(client.userId);
+  return [...seen.values()];
+}
+
+function refreshMembers(room) {
+  const cached = memberCache.get(room);
+  if (cached && (cached.loading || Date.now() - cached.at < 30000)) return;
+  memberCache.set(room, { ...(cached || { users: [] }), loading: true, at: Date.now() });
+  client.who(room, 100).then((d) => {
+    memberCache.set(room, { at: Date.now(), users: (d.online || []).map((u) => (typeof u === "string" ? { id: u } : u)) });
+    if (room === current && document.activeElement === input) updateMentionPop();
+  }, () => memberCache.set(room, { at: Date.now(), users: (cached && cached.users) || [] }));
+}
+
+function updateMentionPop() {
+  if (!client || !current) return hideMentionPop();
+  const q = mentionQuery(input.value, input.selectionStart ?? input.value.length);
+  if (!q) return hideMentionPop();
+  refreshMembers(current);
+  const users = mentionMatches(mentionUsers(current), q.query);
+  if (!users.length) return hideMentionPop();
+  const active = mentionState && mentionState.query === q.query ? Math.min(mentionState.active, users.length - 1) : 0;
+  mentionState = { ...q, users, active };
+  mentionPop.replaceChildren(...users.map((u, i) => el("li", {
+    role: "option", "aria-selected": i === active ? "true" : "false", class: i === active ? "active" : "", dataset: { user: u.id },
+    onmousedown: (e) => { e.preventDefault(); pickMention(u); },
+  }, avatar(u), el("span", {}, u.name || u.id), el("small", { class: "muted" }, `@${u.id}`))));
+  mentionPop.hidden = false;
+}
+
+function hideMentionPop() {
+  mentionState = null;
+  mentionPop.hidden = true;
+}
+
+function pickMention(u) {
+  const st = mentionState;
+  if (!st) return;
+  const caret = input.selectionStart ?? input.value.length;
+  const text = `${input.value.slice(0, st.start)}@${u.id} ${input.value.slice(caret)}`;
+  input.value = text;
+  const at = st.start + u.id.length + 2;
+  input.setSelectionRange(at, at);
+  hideMentionPop();
+  input.focus();
+}
+
+/** Keys of the open autocomplete (arrows, Enter/Tab to pick, Escape); true when handled. */
+function mentionKey(e) {
+  if (!mentionState || mentionPop.hidden || e.isComposing) return false;
+  const n = mentionState.users.length;
+  if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+    mentionState.active = (mentionState.active + (e.key === "ArrowDown" ? 1 : n - 1)) % n;
+    [...mentionPop.children].forEach((li, i) => { li.classList.toggle("active", i === mentionState.active); li.setAttribute("aria-selected", String(i === mentionState.active)); });
+  } else if (e.key === "Enter" || e.key === "Tab") {
+    pickMention(mentionState.users[mentionState.active]);
+  } else if (e.key === "Escape") {
+    hideMentionPop();
+  } else {
+    return false;
+  }
+  e.preventDefault();
+  return true;
+}
 
 function note(text, room = current) {
   const notes = localNotes.get(room) || [];
@@ -659,21 +841,62 @@ async function textCommand(text) {
 }
 
 // -- who's here ----------------------------------------------------------------------------------
+const memberCache = new Map(); // room -> {at, users: [{id, name, role?}]} (online members, for @ completion)
+
 async function loadPeople() {
   const ul = $("#people-list");
+  const room = current;
   try {
-    const d = await client.who(current, 100);
+    const d = await client.who(room, 100);
+    memberCache.set(room, { at: Date.now(), users: (d.online || []).map((u) => (typeof u === "string" ? { id: u } : u)) });
+    if (room !== current) return;
+    const mine = client.roleIn(room);
     const items = (d.online || []).map((u) => {
       const raw = typeof u === "string" ? { id: u } : u;
       const user = { ...raw, name: raw.name && raw.name !== raw.id ? raw.name : names.get(raw.id) || (raw.id === client.userId ? client.user.name : raw.id) };
-      return el("li", {}, avatar(user), el("span", { class: "person" }, user.name || user.id, el("small", { class: "muted" }, user.id)),
+      if (user.name) names.set(user.id, user.name);
+      const self = user.id === client.userId;
+      // Moderation as the node allows it (docs/protocol.md, roles): the owner kicks anyone but
+      // themselves and sets roles; an admin kicks members only.
+      const canKick = !self && user.role && user.role !== "owner" && (mine === "owner" || (mine === "admin" && user.role === "member"));
+      const canRole = !self && mine === "owner" && user.role && user.role !== "owner";
+      return el("li", { dataset: { user: user.id, role: user.role || "" } }, avatar(user),
+        el("span", { class: "person" }, user.name || user.id, el("small", { class: "muted" }, user.id)),
+        user.role && user.role !== "member" ? el("span", { class: `role role-${user.role}` }, user.role) : null,
         el("i", { class: "dot on" }),
-        user.id !== client.userId ? el("button", { class: "btn soft small", onclick: () => startDm(user.id) }, "Message") : null);
+        el("span", { class: "person-actions" },
+          !self ? el("button", { class: "btn soft small", type: "button", onclick: () => startDm(user.id) }, "Message") : null,
+          canRole ? el("button", { class: "btn ghost small", type: "button", dataset: { action: "role" },
+            onclick: () => changeRole(room, user, user.role === "admin" ? "member" : "admin") },
+          user.role === "admin" ? "Make member" : "Make admin") : null,
+          canKick ? el("button", { class: "btn ghost small danger", type: "button", dataset: { action: "kick" },
+            onclick: () => kickMember(room, user) }, "Remove") : null));
     });
     ul.replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "Nobody else is here.")]));
   } catch (err) {
     ul.replaceChildren(el("li", { class: "muted" }, `Unavailable: ${err.detail || err.message}`));
   }
+}
+
+async function changeRole(room, user, role) {
+  try {
+    await client.setRole(room, user.id, role);
+    toast({ kind: "info", title: `${user.name || user.id} is now ${role === "admin" ? "an admin" : "a member"}`, timeout: 3000 });
+  } catch (err) {
+    toast({ kind: "error", title: "Couldn't change the role", body: err.detail || err.message });
+  }
+  if (room === current && !$("#people").hidden) loadPeople();
+}
+
+function kickMember(room, user) {
+  const r = client.rooms.get(room);
+  dialog(`Remove ${user.name || user.id} from ${roomText(r)}?`, [
+    el("p", { class: "muted" }, "They leave the room at once and may come back only when someone invites them."),
+  ], "Remove", async () => {
+    await client.kick(room, user.id);
+    toast({ kind: "info", title: `Removed ${user.name || user.id}`, timeout: 3000 });
+    if (room === current && !$("#people").hidden) loadPeople();
+  });
 }
 
 $("#who-btn").addEventListener("click", () => {
