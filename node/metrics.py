@@ -134,6 +134,10 @@ class Metrics:
             "chatcluster_webhook_lag_seconds",
             "Age of the oldest undelivered webhook event of this node's shards (0 when caught up)",
             registry=r)
+        self.webhook_outbox_overflows = Counter(
+            "chatcluster_webhook_outbox_overflows_total",
+            "Times a shard's webhook outbox was found trimmed past undelivered events "
+            "(CHAT_WEBHOOK_OUTBOX_MAXLEN reached: some events were lost)", registry=r)
         self.webhook_shards = Gauge(
             "chatcluster_webhook_shards", "Shards whose webhook deliveries this node leases", registry=r)
         self._zero_fill()

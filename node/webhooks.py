@@ -59,6 +59,9 @@ BATCH = 100  # outbox entries read per XRANGE
 IDLE_POLL_S = 0.2  # how often an idle worker looks for new entries
 BACKOFF_MIN_S = 0.5
 TICK_MAX_S = 1.0
+RESOLVE_CHUNK = 20  # events read from the room streams per round trip
+RESOLVED_FRESH_S = 1.0  # an event read longer ago than this is read again before it is sent
+ADVANCE_EVERY_S = 0.5  # the cursor moves at least this often while events go out
 STOP_WAIT_S = 2.0
 BACKOFF_MAX_S = 60.0
 
@@ -305,48 +308,92 @@ class Webhooks:
         outbox = self.keys.webhook_outbox(shard)
         while True:
             self._check_lease(shard)
-            cursor = await self.redis.get(self.keys.webhook_cursor(shard))
-            start = "(" + as_str(cursor) if cursor else "-"
-            entries = await self.redis.xrange(outbox, start, "+", count=BATCH)
+            raw_cursor = await self.redis.get(self.keys.webhook_cursor(shard))
+            cursor = as_str(raw_cursor) if raw_cursor else ""
+            # From the cursor's own entry, which proves nothing was trimmed after it: the
+            # cursor's trimming (MINID) keeps it, only the cap (MAXLEN, from the oldest) takes it.
+            entries = await self.redis.xrange(outbox, cursor or "-", "+", count=BATCH + 1)
+            if cursor and entries:
+                if as_str(entries[0][0]) == cursor:
+                    entries = entries[1:]
+                else:
+                    METRICS.webhook_outbox_overflows.inc()
+                    log.warning("webhook outbox overflowed: undelivered events lost", extra={"shard": shard})
             if not entries:
                 self._heads.pop(shard, None)
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
-            for raw_id, fields in entries:
-                oid = as_str(raw_id)
-                self._heads[shard] = id_ms(oid)
-                await self._deliver(shard, oid, fields)
-                moved = await self._advance(
-                    keys=[self.keys.webhook_lease(shard), self.keys.webhook_cursor(shard), outbox],
-                    args=[self.holder, oid])
-                if not moved:
-                    raise LeaseLost()
+            await self._send_batch(shard, [(as_str(raw_id), fields) for raw_id, fields in entries])
             self._heads.pop(shard, None)
 
-    async def _resolve(self, oid: str, fields: dict[bytes, bytes]) -> dict[str, Any] | None:
-        """The event of an outbox entry; None if its room entry is gone (deleted, trimmed)."""
-        if b"m" in fields:
-            return member_event(fields, oid)
-        room = fields[b"r"].decode()
-        sid = fields[b"i"].decode()
-        found = await self.redis.xrange(self.keys.room_stream(room), sid, sid, count=1)
-        if not found:
-            return None
-        return room_entry_event(room, sid, found[0][1])
+    async def _send_batch(self, shard: int, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """Send entries in order. Their events are read a chunk at a time (one round trip) and
+        re-read when older than RESOLVED_FRESH_S (a message deleted meanwhile is not sent); the
+        cursor moves every ADVANCE_EVERY_S and at the end (a node that dies re-sends at most
+        that much: at least once)."""
+        done = ""
+        advanced_at = time.monotonic()
+        i = 0
+        while i < len(entries):
+            chunk = entries[i:i + RESOLVE_CHUNK]
+            resolved_at = time.monotonic()
+            events = await self._resolve_many(chunk)
+            for (oid, fields), event in zip(chunk, events, strict=True):
+                if time.monotonic() - resolved_at > RESOLVED_FRESH_S:
+                    break  # read the rest again
+                self._heads[shard] = id_ms(oid)
+                await self._deliver(shard, oid, fields, event)
+                done = oid
+                i += 1
+                if time.monotonic() - advanced_at >= ADVANCE_EVERY_S:
+                    await self._advance_to(shard, done)
+                    advanced_at = time.monotonic()
+        if done:
+            await self._advance_to(shard, done)
 
-    async def _deliver(self, shard: int, oid: str, fields: dict[bytes, bytes]) -> None:
-        """POST one entry until it is accepted (2xx) or too old; raises LeaseLost to stop."""
-        event = await self._resolve(oid, fields)
-        if event is None:
-            METRICS.webhook_deliveries.labels(result="gone").inc()
-            return
-        body = dumps({"event": event, "delivery": delivery_id(shard, oid)})
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self._secret, body)}
+    async def _advance_to(self, shard: int, oid: str) -> None:
+        k = self.keys
+        moved = await self._advance(keys=[k.webhook_lease(shard), k.webhook_cursor(shard), k.webhook_outbox(shard)],
+                                    args=[self.holder, oid])
+        if not moved:
+            raise LeaseLost()
+
+    async def _resolve_many(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> list[dict[str, Any] | None]:
+        """The event of each outbox entry (None: its room entry is gone, deleted or trimmed)."""
+        refs = [(oid, fields) for oid, fields in entries if b"m" not in fields]
+        found: dict[str, list[Any]] = {}
+        if refs:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, fields in refs:
+                sid = fields[b"i"].decode()
+                pipe.xrange(self.keys.room_stream(fields[b"r"].decode()), sid, sid, count=1)
+            found = {oid: result for (oid, _), result in zip(refs, await pipe.execute(), strict=True)}
+        out: list[dict[str, Any] | None] = []
+        for oid, fields in entries:
+            if b"m" in fields:
+                out.append(member_event(fields, oid))
+            elif found[oid]:
+                out.append(room_entry_event(fields[b"r"].decode(), fields[b"i"].decode(), found[oid][0][1]))
+            else:
+                out.append(None)
+        return out
+
+    async def _deliver(self, shard: int, oid: str, fields: dict[bytes, bytes],
+                       event: dict[str, Any] | None) -> None:
+        """POST one entry until it is accepted (2xx) or too old; raises LeaseLost to stop. A
+        retry reads the event again: deleted meanwhile, it is not sent any more."""
         max_age_ms = self.settings.webhook_max_age_s * 1000
         timeout_s = self.settings.webhook_timeout_s
         attempt = 0
         assert self._session is not None
         while True:
+            if attempt > 0:
+                (event,) = await self._resolve_many([(oid, fields)])
+            if event is None:
+                METRICS.webhook_deliveries.labels(result="gone").inc()
+                return
+            body = dumps({"event": event, "delivery": delivery_id(shard, oid)})
+            headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self._secret, body)}
             left_ms = id_ms(oid) + max_age_ms - time.time() * 1000
             if left_ms <= 0:
                 METRICS.webhook_deliveries.labels(result="dropped").inc()

@@ -307,3 +307,28 @@ async def test_a_message_removed_before_its_delivery_is_never_sent(start_nodes, 
     assert texts(receiver.events("general")) == ["m0", "m2"]
     assert all(b"secret" not in r["body"] for r in receiver.requests)
     assert await metric([a], "chatcluster_webhook_deliveries_total", '{result="gone"}') == 1
+
+
+async def test_the_outbox_is_capped_while_the_endpoint_is_down(start_nodes, clients, receiver, redis_client):
+    receiver.policy = lambda payload, attempt: None
+    (a,) = start_nodes(1, **hook_env(receiver, CHAT_WEBHOOK_TIMEOUT="20", CHAT_WEBHOOK_LEASE="60",
+                                     CHAT_WEBHOOK_OUTBOX_MAXLEN="10"))
+    alice = await clients(a.ws_url, user="alice")
+    await alice.send("general", "m0")
+    await receiver.wait_for(lambda: receiver.held == 1)
+    for i in range(1, 400):
+        await alice.send("general", f"m{i}")
+    keys = Keys(16)
+    outbox = keys.webhook_outbox(keys.room_shard("general"))
+    # Approximate trimming (whole stream nodes of 100 entries): bounded, far below 400.
+    assert await redis_client.xlen(outbox) <= 10 + 100
+    receiver.policy = lambda payload, attempt: 200
+    receiver.release()
+    await receiver.wait_for(lambda: "m399" in texts(receiver.events("general")))
+    got = texts(receiver.events("general"))
+    assert got[0] == "m0" and len(got) < 200
+    # What is left is in order; the loss is counted and the delivered entries are trimmed.
+    assert got[1:] == [f"m{i}" for i in range(400 - len(got) + 1, 400)]
+    assert await metric([a], "chatcluster_webhook_outbox_overflows_total") == 1
+    await until_metric([a], "chatcluster_webhook_lag_seconds", "", lambda v: v == 0)
+    assert await redis_client.xlen(outbox) <= 100
