@@ -137,7 +137,8 @@ return {1, id}
 """
 
 DELETE_LUA = _LUA_COMMON + """
-if msg['f'] ~= ARGV[2] and ARGV[9] ~= '1' then return {-5, ''} end
+-- A system message has no author among the users (its 'f' is 'system'): moderators only.
+if (msg['f'] ~= ARGV[2] or msg['k'] == 'system') and ARGV[9] ~= '1' then return {-5, ''} end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'x', 'd', 'm', ARGV[1],
                       'f', ARGV[2], 'n', ARGV[3], 'q', seq, 'ds', msg['s'])
 appended(id)

@@ -259,6 +259,8 @@ async def test_permissions_and_bad_input(start_nodes, clients):
             system = await response.json()
     sysuser = await clients(a.ws_url, user="system")
     assert await error_code(sysuser.edit("general", system["id"], "x")) == "bad_request"
+    # Nor deleted by a user who happens to be called "system" (only an owner or admin could).
+    assert await error_code(sysuser.delete("general", system["id"])) == "forbidden"
     # The connection survived all of it.
     assert (await alice.edit("general", mine["id"], "mine, edited"))["id"] == mine["id"]
 
