@@ -167,6 +167,7 @@ async def test_messages_and_membership_changes_are_delivered_signed_in_order_onc
     for i in range(5):
         await alice.send(room, f"a{i}")
         await bob.send(room, f"b{i}")
+    await alice.request("kick", room=room, user="carl")
     await bob.request("leave", room=room)
     await bob.send("general", "hello general")
     dm = (await alice.request("dm", user="bob"))["room"]["id"]
@@ -186,8 +187,9 @@ async def test_messages_and_membership_changes_are_delivered_signed_in_order_onc
                for e in events]
     assert summary == ([("member", "joined", "alice"), ("member", "invited", "carl"), ("member", "joined", "bob")]
                        + [("message", f"{who}{i}", name) for i in range(5) for who, name in (("a", "alice"), ("b", "bob"))]
-                       + [("member", "left", "bob")])
+                       + [("member", "kicked", "carl"), ("member", "left", "bob")])
     assert events[1]["by"] == "alice" and "by" not in events[0]
+    assert events[-2]["by"] == "alice" and "by" not in events[-1]
     message = events[3]
     assert set(message) >= {"type", "room", "id", "seq", "ts", "from", "text"} and message["seq"] == 1
     # Stream order is delivery order: ids ascend.
