@@ -376,3 +376,29 @@ async def test_edits_and_deletes_are_webhook_events_in_order(start_nodes, client
                                        ("delete", m1["id"], None)]
     assert got[1]["by"] == {"id": "alice", "name": "Alice"} and all(signed(r) for r in receiver.requests)
     assert all(b"w1" not in r["body"] for r in receiver.requests)
+
+
+async def test_fold_state_of_trimmed_messages_is_pruned(start_nodes, clients, redis_client):
+    (a,) = start_nodes(1, CHAT_HISTORY_MAXLEN=10)
+    alice = await clients(a.ws_url, user="alice")
+    old = [await alice.send("general", f"old{i}") for i in range(4)]
+    await alice.edit("general", old[0]["id"], "old0 edited")
+    await alice.edit("general", old[1]["id"], "old1 edited")
+    await alice.delete("general", old[2]["id"])
+    await alice.delete("general", old[3]["id"])
+    folds, edited, tombs, ops = (KEYS.room_folds("general"), KEYS.room_edited("general"),
+                                 KEYS.room_tombs("general"), KEYS.room_tomb_ops("general"))
+    assert await redis_client.hlen(folds) == 4 and await redis_client.zcard(tombs) == 2
+    # Enough traffic for the approximate MAXLEN to trim the first entries away.
+    stream = KEYS.room_stream("general")
+    while (await redis_client.xrange(stream, "-", "+", count=1))[0][0].decode() <= old[-1]["id"]:
+        for i in range(50):
+            await alice.send("general", f"new{i}")
+    recent = await alice.send("general", "recent")
+    await alice.edit("general", recent["id"], "recent edited")
+    # The next edit pruned the records of the trimmed messages; only the new one is left.
+    assert await redis_client.hkeys(folds) == [recent["id"].encode()]
+    assert await redis_client.zcard(edited) == 1
+    assert await redis_client.zcard(tombs) == 0 and await redis_client.zcard(ops) == 0
+    page = await alice.history("general", limit=100)
+    assert all(not m.get("deleted") for m in page["messages"])
