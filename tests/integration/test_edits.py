@@ -319,11 +319,14 @@ async def test_unread_counts_ignore_edits_and_deletes(start_nodes, clients):
     await bob.close()
     sent = [await alice.send(room, f"u{i}") for i in range(3)]
     await alice.edit(room, sent[0]["id"], "u0 edited")
+    edit_entry = (await until(alice, lambda e: e["type"] == "edit"))["entry_id"]
     await alice.delete(room, sent[1]["id"])
     bob2 = await clients(b.ws_url, user="bob")
     summary = next(r for r in bob2.welcome["rooms"] if r["id"] == room)
     assert summary["unread"] == 3 and summary["seq"] == sent[-1]["seq"]
-    # Reading up to the newest entry (the delete entry, which has no seq of its own) reads all.
+    # A read marker on an edit entry (no seq of its own) counts the messages before it.
+    assert (await bob2.request("read", room=room, id=edit_entry))["unread"] == 0
+    # Reading up to the newest entry (the delete entry) too.
     delete_entry = summary["last_id"]
     assert delete_entry > sent[-1]["id"]
     assert (await bob2.request("read", room=room, id=delete_entry))["unread"] == 0
