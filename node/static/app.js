@@ -195,7 +195,7 @@ function mentionify(text) {
     if (!part.mention) frag.append(part.text);
     else {
       const me = client && part.mention === client.userId;
-      frag.append(el("span", { class: `mention${me ? " me" : ""}`, title: names.get(part.mention) || part.mention,
+      frag.append(el("span", { class: `mention${me ? " you" : ""}`, title: names.get(part.mention) || part.mention,
         dataset: { user: part.mention } }, part.text));
     }
   }

@@ -184,6 +184,17 @@ export function seenBy(room, id, userId) {
   return room.read_by.some((r) => r && r.id !== userId && r.read_id && r.read_id !== "0-0" && compareIds(r.read_id, id) >= 0);
 }
 
+/** A held message in the state an `edit` or `delete` leaves it (a tombstone keeps no text). */
+export function foldChange(msg, change) {
+  if (change.type === "delete") {
+    const tomb = { room: msg.room, id: msg.id, seq: msg.seq, ts: msg.ts, from: msg.from, deleted: true };
+    if (change.by) tomb.deleted_by = change.by;
+    return tomb;
+  }
+  if (msg.deleted) return msg;
+  return { ...msg, text: change.text, edited_at: change.edited_at };
+}
+
 function randomId(n = 12) {
   let s = "";
   while (s.length < n) s += Math.random().toString(36).slice(2);
@@ -457,6 +468,7 @@ export class ChatClient {
     this._handled = new Map(); // "tab:ref" -> Promise of reply (leader: dedupe re-sent commands)
     this._leaderTab = null;
     this._persistTimer = null;
+    this._changes = new Map(); // "room id" -> the latest edit/delete of a message not held (bounded)
   }
 
   // -- events ---------------------------------------------------------------------------
@@ -1254,8 +1266,14 @@ export class ChatClient {
       }
       case "room": {
         const room = ev.room || {};
+        const known = this.rooms.get(room.id);
         if (ev.change === "removed") this._removeRoom(room.id);
-        else {
+        else if (ev.change === "added" && known && (!room.epoch || room.epoch === known.epoch)) {
+          // An invitation replayed after the welcome that already listed the room: its counts
+          // (unread, mentions, seq) are older than the welcome's; take only what is missing.
+          for (const [k, v] of Object.entries(room)) if (!(k in known)) known[k] = v;
+          this.emit("rooms", {});
+        } else {
           const cur = this.cursors[room.id];
           const reset = ev.recovered === false || (cur && room.epoch && cur.epoch !== room.epoch);
           this._upsertRoom(room, reset);
@@ -1366,15 +1384,13 @@ export class ChatClient {
     if (entry && cur) cur.id = entry;
     const list = this.msgs.get(ev.room) || [];
     const i = list.findIndex((x) => x.id === ev.id);
-    if (i >= 0) {
-      const old = list[i];
-      if (ev.type === "delete") {
-        const tomb = { room: old.room || ev.room, id: old.id, seq: old.seq, ts: old.ts, from: old.from, deleted: true };
-        if (ev.by) tomb.deleted_by = ev.by;
-        list[i] = tomb;
-      } else if (!old.deleted) {
-        list[i] = { ...old, text: ev.text, edited_at: ev.edited_at };
-      }
+    if (i >= 0) list[i] = foldChange(list[i], ev);
+    else {
+      // Not held (yet): a history page on its way may have been read before this change.
+      const key = `${ev.room} ${ev.id}`;
+      this._changes.delete(key);
+      this._changes.set(key, ev.type === "delete" ? { type: "delete", by: ev.by } : { type: "edit", text: ev.text, edited_at: ev.edited_at });
+      if (this._changes.size > 200) this._changes.delete(this._changes.keys().next().value);
     }
     return true;
   }
@@ -1389,7 +1405,10 @@ export class ChatClient {
   _mergeHistory(room, messages, newest) {
     let list = this.msgs.get(room) || [];
     const have = new Set(list.map((m) => m.id));
-    const add = messages.filter((m) => !have.has(m.id)).map((m) => ({ ...m, room }));
+    const add = messages.filter((m) => !have.has(m.id)).map((m) => {
+      const change = this._changes.get(`${room} ${m.id}`);
+      return change ? foldChange({ ...m, room }, change) : { ...m, room };
+    });
     list = list.concat(add).sort((a, b) => compareIds(a.id, b.id));
     this.msgs.set(room, list);
     const r = this.rooms.get(room);

@@ -216,14 +216,26 @@ def test_screenshots_desktop_and_phone(start_nodes: Any, contexts: Any, tmp_path
         send(page, text)  # one at a time: two pages sending at once would race for the order
         wait_texts(page, [t for _, t in conversation[: i + 1]])
     wait_texts(bob, [t for _, t in conversation])
+    # v1.1 in the picture: an edited message, a deleted one, a mention badge in another room.
+    send(carol, "Deploying to the wrong cluster, hold on")
+    shown = [t for _, t in conversation]
+    wait_texts(carol, shown + ["Deploying to the wrong cluster, hold on"])
+    ids = carol.evaluate("[...document.querySelectorAll('#messages li.msg[data-id]')].map(e => e.dataset.id)")
+    carol.evaluate("ids => chat.edit('general', ids[2], 'Killed node-2 mid-conversation: clients resumed on node-1, "
+                   "nothing lost.').then(() => chat.delete('general', ids[5]))", ids)
+    shown[2] = "Killed node-2 mid-conversation: clients resumed on node-1, nothing lost."
+    shown.append("Message deleted")
+    wait_texts(bob, shown)
+    launch = carol.evaluate("chat.createRoom('launch-plan', 'closed', ['alice']).then(d => d.room.id)")
     for page, call in ((carol, "chat.createRoom('design-review', 'open')"),
-                       (carol, "chat.createRoom('launch-plan', 'closed', ['alice'])"),
+                       (carol, f"chat.send('{launch}', '@alice the launch checklist is ready for review')"),
                        (bob, "chat.dm('alice')")):
         page.evaluate(f"{call}.catch(() => null)")
 
     desktop = open_chat(contexts(viewport={"width": 1280, "height": 800}), node, "alice", "Alice Liddell")
-    wait_texts(desktop, [t for _, t in conversation])
-    send(bob, "Alice, can you review the widget docs today?")
+    wait_texts(desktop, shown)
+    desktop.locator(f"[data-room='{launch}'] .badge.mention").wait_for()
+    send(bob, "@alice can you review the widget docs today?")
     desktop.locator("#messages li.msg", has_text="widget docs").wait_for()
     desktop.fill("#input", "Sure, after lunch")
     desktop.evaluate("document.activeElement.blur()")

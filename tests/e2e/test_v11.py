@@ -164,7 +164,7 @@ def test_mentions_complete_highlight_and_count_for_the_mentioned_user(start_node
     alice.keyboard.press("Enter")
     text = "@bob can you look? <b>not bold</b> <img src=x onerror=alert(1)>"
     wait_texts(alice, [text])
-    assert message(alice, "can you look").locator(".mention:not(.me)").inner_text() == "@bob"
+    assert message(alice, "can you look").locator(".mention:not(.you)").inner_text() == "@bob"
 
     # Bob, in another room, gets a mention badge apart from the unread count; also after a reload.
     badge = bob.locator(f"#room-list [data-room='{room}'] .badge.mention")
@@ -175,7 +175,7 @@ def test_mentions_complete_highlight_and_count_for_the_mentioned_user(start_node
     bob.locator(f"#room-list [data-room='{room}'] .badge.mention", has_text="@1").wait_for()
     open_room(bob, room)
     wait_texts(bob, [text])
-    assert message(bob, "can you look").locator(".mention.me").inner_text() == "@bob"
+    assert message(bob, "can you look").locator(".mention.you").inner_text() == "@bob"
     assert bob.locator("#messages img, #messages b").count() == 0  # user text is never HTML
     bob.locator(f"#room-list [data-room='{room}'] .badge.mention").wait_for(state="detached")
     assert texts(bob) == [text]

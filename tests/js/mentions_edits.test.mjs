@@ -116,3 +116,27 @@ test("receipts keep the newest marker per member; unread events carry mentions",
   assert.equal(c.roleIn("r-1"), "member");
   assert.equal(c.cursors["r-1"].epoch, "e1");
 });
+
+test("a change to a message not held yet folds into the history page that brings it", () => {
+  const c = client();
+  const room = "r-1";
+  c._applyEvent({ type: "edit", room, id: "3-0", text: "new", edited_at: 7, entry_id: "7-0" });
+  c._applyEvent({ type: "delete", room, id: "4-0", by: { id: "bob" }, entry_id: "8-0" });
+  c._mergeHistory(room, [
+    { id: "3-0", seq: 1, ts: 3, from: { id: "bob" }, text: "old" },
+    { id: "4-0", seq: 2, ts: 4, from: { id: "bob" }, text: "gone" },
+    { id: "5-0", seq: 3, ts: 5, from: { id: "bob" }, text: "kept" },
+  ]);
+  assert.deepEqual(c.messages(room).map((m) => [m.text, !!m.deleted, m.edited_at]),
+    [["new", false, 7], [undefined, true, undefined], ["kept", false, undefined]]);
+  assert.ok(!JSON.stringify(c._snapshot()).includes("gone"));
+});
+
+test("an invitation replayed after the welcome keeps the welcome's counts", () => {
+  const c = client();
+  c._applyEvent({ type: "room", change: "added", room: { id: "r-1", kind: "open", epoch: "e1", last_id: "0-0", seq: 0, unread: 0, mentions: 0, name: "R" }, pid: "2-1" });
+  c.rooms.get("r-1").unread = 3; // as a welcome would have it
+  c._applyEvent({ type: "room", change: "added", room: { id: "r-1", kind: "open", epoch: "e1", last_id: "0-0", unread: 0, mentions: 0 }, pid: "2-2" });
+  assert.equal(c.rooms.get("r-1").unread, 3);
+  assert.equal(c.rooms.get("r-1").name, "R");
+});
