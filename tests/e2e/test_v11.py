@@ -52,14 +52,16 @@ def test_edit_and_delete_reach_other_nodes_live_by_websocket_and_polling_and_aft
     alice = open_chat(contexts(), n1, "alice", "Alice")
     bob_ctx = contexts()
     bob = open_chat(bob_ctx, n2, "bob", "Bob")
+    bob_tab = open_chat(bob_ctx, n2, "bob", "Bob")  # a second tab: events relayed by the leading tab
     carol = open_chat(contexts(), n2, "carol", "Carol", init_script=NO_WEBSOCKET)
     assert carol.evaluate("chat.transport") == "poll"
+    assert bob.evaluate("chat.isLeader") != bob_tab.evaluate("chat.isLeader")
 
     send(alice, "secret plan 42")
     wait_texts(alice, ["secret plan 42"])
     send(alice, "tpyo here")
     before = ["secret plan 42", "tpyo here"]
-    for page in (alice, bob, carol):
+    for page in (alice, bob, bob_tab, carol):
         wait_texts(page, before)
     # Nobody else may edit or delete a member's message in general: no action menu for them.
     assert message(bob, "tpyo here").locator(".msg-more").count() == 0
@@ -68,14 +70,14 @@ def test_edit_and_delete_reach_other_nodes_live_by_websocket_and_polling_and_aft
     alice.fill("#dialog textarea[name=text]", "typo here, fixed")
     confirm_dialog(alice)
     edited = ["secret plan 42", "typo here, fixed"]
-    for page in (alice, bob, carol):
+    for page in (alice, bob, bob_tab, carol):
         wait_texts(page, edited)
         message(page, "typo here, fixed").locator(".edited").wait_for()
 
     menu_action(alice, "secret plan 42", "delete")
     confirm_dialog(alice)
     final = ["Message deleted", "typo here, fixed"]
-    for page in (alice, bob, carol):
+    for page in (alice, bob, bob_tab, carol):
         wait_texts(page, final)
         assert page.locator("#messages li.msg.deleted").count() == 1
     # The deleted text is gone from every profile's stored state (leader-written, debounced).
@@ -84,6 +86,7 @@ def test_edit_and_delete_reach_other_nodes_live_by_websocket_and_polling_and_aft
                                f"(localStorage.getItem('chatcluster:v1:{user}') || '')")
 
     # A reload resumes from the stored state; a new profile on the other node reads history.
+    bob_tab.close()
     bob.reload()
     wait_connected(bob)
     wait_texts(bob, final)
