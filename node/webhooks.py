@@ -59,6 +59,7 @@ BATCH = 100  # outbox entries read per XRANGE
 IDLE_POLL_S = 0.2  # how often an idle worker looks for new entries
 BACKOFF_MIN_S = 0.5
 TICK_MAX_S = 1.0
+MAX_ANSWER_BYTES = 65536  # of a webhook response body, read and ignored
 RESOLVE_CHUNK = 20  # events read from the room streams per round trip
 RESOLVED_FRESH_S = 1.0  # an event read longer ago than this is read again before it is sent
 ADVANCE_EVERY_S = 0.5  # the cursor moves at least this often while events go out
@@ -232,6 +233,8 @@ class Webhooks:
                     await asyncio.shield(self._release_all())
 
     async def _release_all(self) -> None:
+        """At shutdown: the others take this node's shards over now, not when leases expire."""
+        await self.redis.zrem(self.keys.webhook_nodes(), self.settings.node_id)
         for shard in list(self._valid_until):
             await self._release(keys=[self.keys.webhook_lease(shard)], args=[self.holder])
         self._valid_until.clear()
@@ -405,8 +408,13 @@ class Webhooks:
             started = time.monotonic()
             status = 0
             try:
-                async with self._session.post(self.url, data=body, headers=headers) as response:
-                    status = response.status  # the body is not read (nor buffered)
+                # No redirects (a 3xx is a failure: the URL is configured, not discovered). A
+                # short answer is read so the connection is kept for the next event; a longer
+                # one is not buffered (the connection is closed instead).
+                async with self._session.post(self.url, data=body, headers=headers,
+                                              allow_redirects=False) as response:
+                    status = response.status
+                    await response.content.read(MAX_ANSWER_BYTES)
             except (aiohttp.ClientError, TimeoutError):
                 status = 0
             METRICS.webhook_attempt_duration.observe(time.monotonic() - started)

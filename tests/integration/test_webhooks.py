@@ -334,3 +334,14 @@ async def test_the_outbox_is_capped_while_the_endpoint_is_down(start_nodes, clie
     assert await metric([a], "chatcluster_webhook_outbox_overflows_total") == 1
     await until_metric([a], "chatcluster_webhook_lag_seconds", "", lambda v: v == 0)
     assert await redis_client.xlen(outbox) <= 100
+
+
+async def test_a_node_that_stops_hands_its_shards_over_at_once(start_nodes, clients, receiver):
+    # A lease of a minute: only the stopping node giving its leases back explains a quick takeover.
+    a, b = start_nodes(2, **hook_env(receiver, CHAT_WEBHOOK_TIMEOUT="20", CHAT_WEBHOOK_LEASE="60"))
+    await settled([a, b])
+    a.proc.stop(timeout=10)
+    await until_metric([b], "chatcluster_webhook_shards", "", lambda v: v == 16, timeout=20)
+    bob = await clients(b.ws_url, user="bob")
+    await bob.send("general", "still delivered")
+    await receiver.wait_for(lambda: "still delivered" in texts(receiver.events("general")))
