@@ -228,6 +228,7 @@ class Node:
                 except TimeoutError:
                     pass
                 await runner.cleanup()
+                await self.fanout.stop()
                 for task in tasks:
                     task.cancel()
         await self.recovery.aclose()

@@ -157,6 +157,8 @@ class ShardReader:
         self.inflight: frozenset[str] | None = None
         self.wake = asyncio.Event()
         self.conn: Any = None
+        self._xread = redisio.RawXread()
+        self.stopped = False  # the node is stopping: end instead of reading again
         # CLIENT UNBLOCK must reach the Redis server the reader's connection is on.
         self.unblock: Callable[[int], Awaitable[Any]] = _never_unblocked
         self.failures = 0
@@ -188,7 +190,7 @@ class ShardReader:
     async def run(self) -> None:
         backoff = 0.05
         settings = self.fanout.settings
-        while True:
+        while not self.stopped:
             if not self.topics:
                 self.wake.clear()
                 await self.wake.wait()
@@ -202,8 +204,7 @@ class ShardReader:
                     if not self.healthy:
                         await self.fanout.on_reader_reconnect(self)
                     self.healthy = True
-                streams = {key: topic.pos for key, topic in self.topics.items()}
-                if not streams:
+                if not self.topics:
                     continue  # the last topic went away while the connection was being opened
                 self.wake.clear()
                 await self.fanout.pauses.point(self.pause_point)
@@ -212,14 +213,16 @@ class ShardReader:
                     continue
                 self.inflight = frozenset(streams)
                 try:
-                    result = await self.conn.xread(streams, count=settings.read_count,
-                                                   block=settings.read_block_ms)
+                    result = await redisio.RawXread.call(
+                        self.conn, self._xread.pack(streams, settings.read_count, settings.read_block_ms))
                 finally:
                     self.inflight = None
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.stopped:
+                    return  # its connection was closed under it (Fanout.stop)
                 # Whatever Redis answered (gone, OOM, READONLY after a failover, a slot moved,
                 # a script error): this reader reconnects (re-resolving the slot's server) and
                 # goes on; it never ends the node.
@@ -244,6 +247,14 @@ class ShardReader:
                     await asyncio.sleep(settings.read_linger_ms / 1000.0)
             else:
                 self.lag = 0.0
+
+    async def stop(self) -> None:
+        """End the reader now, even in the middle of a blocking read: its connection is closed
+        under it (a cancellation that lands while redis-py's read times out can be lost, and
+        the read would then go on blocking, with the node waiting for it)."""
+        self.stopped = True
+        self.wake.set()
+        await self._drop_conn()
 
     async def _drop_conn(self) -> None:
         conn, self.conn, self.client_id = self.conn, None, None
@@ -285,6 +296,11 @@ class Fanout:
             self._tg = tg
             self._ready.set()
             await asyncio.Event().wait()  # the task group lives until cancelled
+
+    async def stop(self) -> None:
+        """Stop every shard reader (the node is stopping)."""
+        for reader in list(self.readers.values()):
+            await reader.stop()
 
     def reader(self, shard: int, lane: int = LANE_ROOMS) -> ShardReader:
         reader = self.readers.get((shard, lane))

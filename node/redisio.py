@@ -129,6 +129,59 @@ def connect_dedicated(url: str, block_ms: int) -> aioredis.Redis:
                                    socket_timeout=block_ms / 1000.0 + 10.0, socket_keepalive=True)
 
 
+def resp_bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class RawXread:
+    """``XREAD COUNT c BLOCK b STREAMS k... id...`` on a dedicated connection, packed by hand.
+
+    A shard reader re-issues its XREAD after every read, with every stream key of its shard:
+    redis-py's generic packing (an encoder call per argument) made that the biggest cost of
+    fan-out to many small rooms (docs/benchmarks.md). Keys are packed once and kept; only the
+    ids are packed per call. The reply is returned in redis-py's shape,
+    ``[(key, [(id, {field: value}), ...]), ...]`` or ``None`` on a timeout.
+    """
+
+    __slots__ = ("frags",)
+
+    def __init__(self) -> None:
+        self.frags: dict[str, bytes] = {}
+
+    def pack(self, streams: dict[str, str], count: int, block_ms: int) -> bytes:
+        frags = self.frags
+        if len(frags) > 2 * len(streams) + 64:
+            frags.clear()  # keys of topics that went away
+        parts = [b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n"
+                 % (6 + 2 * len(streams), resp_bulk(b"%d" % count), resp_bulk(b"%d" % block_ms))]
+        for key in streams:
+            frag = frags.get(key)
+            if frag is None:
+                frag = frags[key] = resp_bulk(key.encode())
+            parts.append(frag)
+        for sid in streams.values():
+            parts.append(resp_bulk(sid.encode()))
+        return b"".join(parts)
+
+    @staticmethod
+    async def call(client: aioredis.Redis, packed: bytes) -> list[tuple[Any, list[Any]]] | None:
+        """Send ``packed`` on the single connection of ``client`` (initialized by a first
+        command) and read its reply. Errors are redis-py's (the caller reconnects on any)."""
+        conn = client.connection
+        if conn is None:
+            raise rexc.ConnectionError("the reader's connection is not open")
+        await conn.send_packed_command(packed, check_health=False)
+        reply = await conn.read_response()
+        if reply is None:
+            return None
+        # RESP3 answers a map (key -> entries), RESP2 a list of [key, entries] pairs.
+        pairs = reply.items() if isinstance(reply, dict) else reply
+        return [(key, [(sid, dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {})
+                       for sid, fields in entries])
+                for key, entries in pairs]
+
+
 # op -> (latency histogram child, error counter child). Ops are literals in the code (a small
 # set); caching the children skips the label lookup per command, and creating the error child
 # with the first command makes its series exist at 0 (so rate() and alerts see the first error).
