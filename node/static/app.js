@@ -630,7 +630,9 @@ function onChange(ev) {
 
 function onNotify(ev) {
   if (ev.type === "alert") {
-    toast({ kind: ev.kind || "system", title: ev.title || "Alert", body: ev.body || "", timeout: 8000 });
+    const room = ev.kind === "mention" && ev.data && ev.data.room; // v1.1: "X mentioned you in R"
+    toast({ kind: ev.kind || "system", title: ev.title || "Alert", body: ev.body || "", timeout: 8000,
+      onclick: room && client.rooms.has(room) ? () => openRoom(room) : undefined });
   } else if (ev.type === "message" && ev.room !== current) {
     const r = client.rooms.get(ev.room);
     const where = r && r.kind === "direct" ? "" : ` in #${roomLabel(r) || ev.room}`;
