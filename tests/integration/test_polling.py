@@ -62,8 +62,12 @@ async def test_polls_across_nodes_lose_nothing_and_repeat_nothing(start_nodes, c
         for batch in range(5):
             for i in range(7):
                 await sender.send("general", f"p{batch}-{i}")
-            events = await poller.poll()
-            got += [e["text"] for e in events if e["type"] == "message"]
+            # A poll answers from the node's read position: entries appended a moment ago may
+            # come with the next poll (a long poll waits for them), never twice, never lost.
+            while len(got) < 7 * (batch + 1):
+                events = await poller.poll(wait_ms=5000)
+                assert events, "a long poll came back empty while messages were due"
+                got += [e["text"] for e in events if e["type"] == "message"]
         assert got == [f"p{b}-{i}" for b in range(5) for i in range(7)]
         assert await poller.poll() == []
 
