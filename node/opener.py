@@ -29,7 +29,7 @@ from .personal import PersonalStreams, personal_payload
 from .protocol import dumps, message_event, now_ms, parse_cursor, stream_id_tuple
 from .redisio import concurrently
 from .resume import plan_replay
-from .rooms import Rooms
+from .rooms import Rooms, rooms_in_order
 from .streams import RoomMeta, RoomStreams
 from .summaries import RoomSummaries
 
@@ -96,9 +96,13 @@ class SessionOpener:
                    live: Live | None) -> Opened:
         settings = self.settings
         user = identity.user
-        epoch, pdel, last_pid = await self.personal.open(user)
+        epoch, pdel, last_pid, member_of = await self.personal.open_with_rooms(user)
         p0 = await live.personal(user, epoch, last_pid) if live is not None else last_pid
-        rooms = await self.rooms.user_rooms(user)
+        # The rooms read with the personal stream's newest id hold every change whose event is
+        # at or before it, and live personal delivery starts at p0: when this node already read
+        # the user's stream past that id, read the rooms again, after it.
+        rooms = rooms_in_order(member_of) if stream_id_tuple(p0) <= stream_id_tuple(last_pid) \
+            else await self.rooms.user_rooms(user)
         metas = await self.room_metas(rooms)
         await self.pauses.point("session.rooms_read")
         if live is not None and live.closed:

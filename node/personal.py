@@ -35,7 +35,8 @@ return id
 """
 PUBLISH_DEDUPE_TTL_S = 60
 
-# KEYS: inbox, user-meta.  ARGV: new-epoch.  Returns {epoch, pdel, last_id}
+# KEYS: inbox, user-meta, optional user-rooms.  ARGV: new-epoch.
+# Returns {epoch, pdel, last_id} and, with the rooms key, the user's rooms.
 OPEN_LUA = """
 local epoch = redis.call('HGET', KEYS[2], 'pepoch')
 if not epoch then epoch = ARGV[1]; redis.call('HSET', KEYS[2], 'pepoch', epoch) end
@@ -43,6 +44,7 @@ local pdel = redis.call('HGET', KEYS[2], 'pdel') or '0-0'
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last_id = '0-0'
 if last[1] then last_id = last[1][1] end
+if KEYS[3] then return {epoch, pdel, last_id, redis.call('SMEMBERS', KEYS[3])} end
 return {epoch, pdel, last_id}
 """
 
@@ -131,12 +133,17 @@ class PersonalStreams:
                 out.update({user: as_str(sid) for user, sid in zip(chunk, ids, strict=True)})
         return out
 
-    async def open(self, user: str) -> tuple[str, str, str]:
-        """(epoch, delivered-up-to id, newest id) of the user's personal stream."""
+    async def open_with_rooms(self, user: str) -> tuple[str, str, str, list[str]]:
+        """(epoch, delivered-up-to id, newest id) of the user's personal stream, and the user's
+        rooms (the set, unordered) in the same step: both are the user's keys, so one script
+        reads them at one instant. A membership change is
+        written before its personal event, so a change missing from these rooms has its event
+        after the newest id returned."""
         with unavailable_on_redis_errors("personal"):
-            epoch, pdel, last_id = await self._open(
-                keys=[self.keys.user_inbox(user), self.keys.user_meta(user)], args=[new_epoch()])
-        return as_str(epoch), as_str(pdel), as_str(last_id)
+            epoch, pdel, last_id, rooms = await self._open(
+                keys=[self.keys.user_inbox(user), self.keys.user_meta(user), self.keys.user_rooms(user)],
+                args=[new_epoch()])
+        return as_str(epoch), as_str(pdel), as_str(last_id), [as_str(r) for r in rooms]
 
     async def mark_delivered(self, user: str, sid: str) -> None:
         with unavailable_on_redis_errors("personal"):

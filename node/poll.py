@@ -30,7 +30,7 @@ from .personal import PersonalStreams, personal_payload
 from .protocol import message_event, parse_cursor, stream_id_tuple
 from .redisio import concurrently
 from .resume import ReplayPlan, plan_replay
-from .rooms import Rooms
+from .rooms import Rooms, rooms_in_order
 from .session import Sessions
 from .status import NodeStatus
 from .streams import RoomStreams, room_summary
@@ -241,12 +241,15 @@ class Poller:
         # The personal stream first, then the rooms (as for a WebSocket session): a membership
         # change is written before its personal event, so a room added by an event of this
         # response is in the rooms read below, and starts where the event says it did.
-        personal_events = await self._collect_personal(user, raw_personal, out)
+        # The rooms come with the personal stream's newest id (one script, one instant): they
+        # hold every membership change whose event is collected here.
+        epoch, pdel, last_id, member_of = await self.personal.open_with_rooms(user)
+        personal_events, metas = await concurrently(
+            self._collect_personal(user, raw_personal, out, (epoch, pdel, last_id)),
+            self.opener.room_metas(rooms_in_order(member_of)))
         added_at = {e["room"]["id"]: e["room"].get("last_id") or "0-0" for e in personal_events
                     if e.get("type") == "room" and e.get("change") == "added"
                     and isinstance(e.get("room"), dict) and isinstance(e["room"].get("id"), str)}
-        rooms = await self.rooms.user_rooms(user)
-        metas = await self.opener.room_metas(rooms)
         out.metas = metas
         # One response carries at most `limit_per_room` messages in all: past that, rooms keep
         # their cursors and the rest comes with the next poll (paging, not a gap).
@@ -286,10 +289,12 @@ class Poller:
         out.events.extend(personal_events)
         return out
 
-    async def _collect_personal(self, user: str, raw_personal: Any, out: Collected) -> list[dict[str, Any]]:
+    async def _collect_personal(self, user: str, raw_personal: Any, out: Collected,
+                                opened: tuple[str, str, str]) -> list[dict[str, Any]]:
         """Personal events after the poll's personal cursor (oldest first, paged: the cursor
-        moves to the last one returned). Sets ``out.personal`` and ``out.personal_last``."""
-        epoch, pdel, last_id = await self.personal.open(user)
+        moves to the last one returned), given the stream's (epoch, delivered-up-to, newest id).
+        Sets ``out.personal`` and ``out.personal_last``."""
+        epoch, pdel, last_id = opened
         out.personal_last = last_id
         pcursor = parse_cursor(raw_personal)
         after = pdel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ def dm_members(room: str) -> tuple[str, str] | None:
     if len(parts) != 3 or not all(USER_ID_RE.match(p) for p in parts[1:]):
         return None
     return parts[1], parts[2]
+
+
+def rooms_in_order(members: Iterable[str]) -> list[RoomId]:
+    """A user's rooms as sessions list them: ``general`` first, then the others sorted."""
+    return [GENERAL] + [RoomId(r) for r in sorted(members) if r != GENERAL]
 
 
 def new_room_id() -> RoomId:
@@ -140,8 +146,7 @@ class Rooms:
         """``general`` first, then the user's other rooms in a stable order."""
         with unavailable_on_redis_errors("user_rooms"):
             members = await self.redis.smembers(self.keys.user_rooms(user))
-        rooms = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
-        return [GENERAL] + [RoomId(r) for r in rooms if r != GENERAL]
+        return rooms_in_order(m.decode() if isinstance(m, bytes) else m for m in members)
 
     async def is_member(self, user: UserId, room: str) -> bool:
         if room == GENERAL:
