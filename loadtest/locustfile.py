@@ -14,7 +14,8 @@ What the users do
 -----------------
 ``ChatWsUser`` (WebSocket, dev auth ``{"type":"hello","user":..}``): reads ``general``'s history,
 chats in ``general``, now and then creates an open room or joins one from the directory, opens a
-DM with another user of its process and chats there, sends ``typing``, marks rooms ``read``, and
+DM with another user of its process and chats there (some messages ``@``-mention another user),
+edits and deletes its own recent messages, sends ``typing``, marks rooms ``read``, and
 reconnects with its cursors (resume). ``ChatPollUser`` (HTTP): ``POST /api/v1/session`` then
 ``POST /api/v1/poll`` with ``Authorization: Bearer dev:<user>``, waiting ``next_poll_ms`` between
 polls (long-polling ``--chat-poll-wait-ms``), and sends now and then via ``/api/v1/command``.
@@ -29,13 +30,17 @@ What is measured
   failure, a repeat a ``duplicate`` failure (type ``WS seq``/``poll seq``). A resume keeps the
   last seq, so the replay after a reconnect must fill the gap exactly. Own messages never echoed
   back within ``--chat-lost-after-s`` are ``lost`` failures at stop.
+* Edits and deletes (``edit``/``delete`` events, no ``seq``) are checked like messages: each
+  (entry) once per receiving session (a repeat is a ``duplicate`` failure, type ``WS fold``),
+  and the author's own edit or delete must come back (else ``lost`` at stop). Their entry ids
+  move the room's cursor, so a resume must not replay them either.
 * Every command's round trip is a ``WS cmd`` event; an error reply is a failure.
 * At quit (on the master, or the single process) the exit code is set to 1 when the failure
   ratio exceeds ``--chat-max-fail-ratio`` (default 0: any failure) or the p99 of ``WS recv``
   exceeds ``--chat-max-p99-ms``.
 
 ``CHAT_LOCUST_FAULT=drop`` (or ``dup``) makes one WebSocket user per process ignore (or process twice) one
-received ``general`` message: the run must then fail. The smoke test uses it to prove the
+received ``general`` message, ``dupfold`` process one ``edit``/``delete`` event twice: the run must then fail. The smoke test uses it to prove the
 checks can fail.
 
 The official Locust image lacks websocket-client: see ``loadtest/requirements.txt``.
@@ -77,6 +82,9 @@ OPTIONS: dict[str, tuple[type, Any, str]] = {
     "read-weight": (int, 3, "weight of 'mark a room read'"),
     "history-weight": (int, 1, "weight of 'read general history'"),
     "reconnect-weight": (int, 1, "weight of 'reconnect and resume with cursors'"),
+    "edit-weight": (int, 1, "weight of 'edit one of my recent messages'"),
+    "delete-weight": (int, 1, "weight of 'delete one of my recent messages'"),
+    "mention-prob": (float, 0.2, "probability that a message mentions another user (@id)"),
     "max-rooms": (int, 4, "open rooms a user creates or joins at most"),
     "poll-wait-ms": (int, 20000, "long-poll wait_ms of polling users (0: short polls)"),
     "poll-send-prob": (float, 0.1, "probability that a poll cycle also sends a message"),
@@ -198,6 +206,8 @@ class Receiver:
         self.user = user
         self.rooms: dict[str, RoomState] = {}
         self.pending: dict[str, float] = {}  # cmid -> monotonic send time
+        self.pending_folds: dict[str, float] = {}  # "edit:<id>" / "delete:<id>" -> request time
+        self.folds: dict[str, None] = {}  # edit/delete entries seen (insertion-ordered, capped)
         self.general_seen = 0
 
     def fire(self, rtype: str, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
@@ -219,7 +229,7 @@ class Receiver:
 
     def message(self, ev: dict[str, Any], length: int) -> None:
         room = ev["room"]
-        if room == "general" and _fault_armed[0] and self.kind == "WS":
+        if room == "general" and _fault_armed[0] and self.kind == "WS" and FAULT in ("drop", "dup"):
             self.general_seen += 1
             if self.general_seen == 3:
                 _fault_armed[0] = False
@@ -256,12 +266,37 @@ class Receiver:
         if cmid and ev.get("from", {}).get("id") == self.user:
             self.pending.pop(cmid, None)
 
+    def fold(self, ev: dict[str, Any]) -> None:
+        """An ``edit`` or ``delete`` event: once per session, and the room's cursor moves on."""
+        if FAULT == "dupfold" and _fault_armed[0] and self.kind == "WS":
+            _fault_armed[0] = False
+            self.fold(ev)
+        entry = ev.get("entry_id") or f"{ev['type']}:{ev.get('id')}:{ev.get('edited_at', '')}"
+        st = self.rooms.get(ev.get("room", ""))
+        bucket = size_bucket(ev.get("room", ""), st.members if st else None)
+        if entry in self.folds:
+            self.fire("fold", bucket, 0, 0, SeqError(f"duplicate {ev['type']}"))
+            return
+        self.folds[entry] = None
+        if len(self.folds) > 10_000:
+            self.folds.pop(next(iter(self.folds)))
+        if st is not None and ev.get("entry_id"):
+            st.last_id = ev["entry_id"]
+        key = f"{ev['type']}:{ev.get('id')}"
+        t = self.pending_folds.pop(key, None)
+        if t is not None:
+            self.fire("fold", ev["type"], (time.monotonic() - t) * 1000)
+
     def lost(self, after_s: float) -> None:
         now = time.monotonic()
         for cmid, t in list(self.pending.items()):
             if now - t > after_s:
                 self.fire("lost", "own message", 0, 0, SeqError(f"own message {cmid} never arrived"))
             del self.pending[cmid]
+        for key, t in list(self.pending_folds.items()):
+            if now - t > after_s:
+                self.fire("lost", "own edit/delete", 0, 0, SeqError(f"own {key} never arrived"))
+            del self.pending_folds[key]
 
 
 class CommandError(Exception):
@@ -284,6 +319,7 @@ class ChatWsUser(User):
         self.waiting: dict[int, AsyncResult] = {}
         self.my_rooms: list[str] = []  # open rooms created or joined
         self.dms: list[str] = []
+        self.mine: list[tuple[str, str]] = []  # (room, id) of my recent messages, newest last
 
     def wait_time(self) -> float:
         return random.uniform(self.opts.wait_min, self.opts.wait_max)
@@ -368,6 +404,8 @@ class ChatWsUser(User):
                 t = ev.get("type")
                 if t == "message":
                     self.rx.message(ev, len(raw))
+                elif t in ("edit", "delete"):
+                    self.rx.fold(ev)
                 elif t == "reply":
                     res = self.waiting.pop(ev.get("ref"), None)
                     if res is not None:
@@ -410,7 +448,37 @@ class ChatWsUser(User):
     def send_text(self, room: str) -> None:
         cmid = uuid.uuid4().hex[:16]
         self.rx.pending[cmid] = time.monotonic()
-        self.command("send", room=room, text=make_text(self.user_id), cmid=cmid)
+        text = make_text(self.user_id)
+        others = [u for u in ONLINE if u != self.user_id]
+        if others and random.random() < self.opts.mention_prob:
+            text += f" @{random.choice(others)}"
+        sent = self.command("send", room=room, text=text, cmid=cmid)
+        if "id" in sent:
+            self.mine.append((room, sent["id"]))
+            del self.mine[:-20]
+
+    def edit_own(self) -> None:
+        if not self.mine:
+            return
+        room, mid = random.choice(self.mine)
+        self.rx.pending_folds[f"edit:{mid}"] = time.monotonic()
+        try:
+            self.command("edit", room=room, id=mid, text=make_text(self.user_id) + " (edited)")
+        except CommandError:
+            self.rx.pending_folds.pop(f"edit:{mid}", None)
+            raise
+
+    def delete_own(self) -> None:
+        if not self.mine:
+            return
+        room, mid = self.mine.pop(random.randrange(len(self.mine)))
+        self.rx.pending_folds[f"delete:{mid}"] = time.monotonic()
+        self.rx.pending_folds.pop(f"edit:{mid}", None)  # an edit's event may now never come
+        try:
+            self.command("delete", room=room, id=mid)
+        except CommandError:
+            self.rx.pending_folds.pop(f"delete:{mid}", None)
+            raise
 
     # -- behaviour -------------------------------------------------------------------------------
     @task
@@ -419,7 +487,8 @@ class ChatWsUser(User):
         choices = [(self.chat_general, o.send_weight), (self.chat_room, o.room_send_weight),
                    (self.chat_dm, o.dm_weight), (self.open_room, o.room_weight),
                    (self.typing, o.typing_weight), (self.read, o.read_weight),
-                   (self.history, o.history_weight), (self.reconnect, o.reconnect_weight)]
+                   (self.history, o.history_weight), (self.reconnect, o.reconnect_weight),
+                   (self.edit_own, o.edit_weight), (self.delete_own, o.delete_weight)]
         funcs, weights = zip(*[(f, w) for f, w in choices if w > 0], strict=True)
         action = random.choices(funcs, weights)[0]
         try:
@@ -440,6 +509,7 @@ class ChatWsUser(User):
             room = self.my_rooms.pop(random.randrange(len(self.my_rooms)))
             self.command("leave", room=room)
             self.rx.rooms.pop(room, None)
+            self.mine = [(r, m) for r, m in self.mine if r != room]
             return
         listing = self.command("rooms").get("rooms", [])
         joinable = [r for r in listing if r.get("kind") == "open" and not r.get("member")]
@@ -511,6 +581,8 @@ class ChatPollUser(HttpUser):
         for ev in evs:
             if ev.get("type") == "message":
                 self.rx.message(ev, 0)
+            elif ev.get("type") in ("edit", "delete"):
+                self.rx.fold(ev)
 
     def on_start(self) -> None:
         data = self._post("/api/v1/session", {}, "/api/v1/session")

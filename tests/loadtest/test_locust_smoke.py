@@ -31,7 +31,8 @@ NODE_ENV = {
 }
 
 
-def run_locust(nodes, tmp_path: Path, users: int, seconds: int, fault: str = "") -> subprocess.CompletedProcess[str]:
+def run_locust(nodes, tmp_path: Path, users: int, seconds: int, fault: str = "",
+               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     ws_urls = ",".join(n.ws_url for n in nodes)
     http_urls = ",".join(n.http_url for n in nodes)
     env = {**os.environ, "CHAT_LOCUST_FAULT": fault, "PYTHONUNBUFFERED": "1"}
@@ -41,7 +42,7 @@ def run_locust(nodes, tmp_path: Path, users: int, seconds: int, fault: str = "")
             # Busier than people, so that a short run has traffic in every kind of room.
             "--chat-wait-min", "0.2", "--chat-wait-max", "0.6", "--chat-poll-wait-ms", "2000",
             "--chat-max-p99-ms", "5000", "--only-summary",
-            "--csv", str(tmp_path / f"locust{fault}")]
+            "--csv", str(tmp_path / f"locust{fault}"), *extra]
     try:
         # Under the 120 s test timeout, so that a run that does not end shows its output.
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=100,
@@ -63,16 +64,20 @@ def test_headless_run_passes(start_nodes, tmp_path: Path) -> None:
     assert "chatcluster verdict" in res.stdout + res.stderr, _explain(res)
     stats = (tmp_path / "locust_stats.csv").read_text()
     # Every kind of traffic happened: WS and poll receipts, commands, resumes.
-    for needle in ("WS recv,general", "poll recv,general", "WS cmd,send", "WS connect,resume"):
+    for needle in ("WS recv,general", "poll recv,general", "WS cmd,send", "WS connect,resume",
+                   "WS cmd,edit", "WS cmd,delete", "WS fold,edit", "WS fold,delete"):
         assert needle in stats, f"{needle} missing from the stats:\n{stats}"
 
 
-@pytest.mark.parametrize("fault", ["drop", "dup"])
+@pytest.mark.parametrize("fault", ["drop", "dup", "dupfold"])
 def test_lost_or_duplicated_message_fails_the_run(start_nodes, tmp_path: Path, fault: str) -> None:
     nodes = start_nodes(2, **NODE_ENV)
-    res = run_locust(nodes, tmp_path, users=6, seconds=6, fault=fault)
+    # Edits and deletes often enough that a short run has some to duplicate.
+    extra = ("--chat-edit-weight", "20", "--chat-delete-weight", "10") if fault == "dupfold" else ()
+    res = run_locust(nodes, tmp_path, users=6, seconds=6, fault=fault, extra=extra)
     assert res.returncode != 0, _explain(res)
     out = res.stdout + res.stderr
     assert "FAIL" in out, _explain(res)
-    word = "gap" if fault == "drop" else "duplicate"
+    # dupfold: "duplicate edit" or "duplicate delete", whichever event came first.
+    word = {"drop": "gap", "dup": "duplicate seq", "dupfold": "duplicate "}[fault]
     assert word in out, _explain(res)
