@@ -87,12 +87,12 @@ async def test_unread_counts_follow_read_markers_across_sessions(start_nodes, cl
     bob_b = await clients(b.ws_url, user="bob")
     ids = [(await alice.send("general", f"u{i}"))["id"] for i in range(5)]
     read = await bob_a.request("read", room="general", id=ids[1])
-    assert read == {"unread": 3, "read_id": ids[1]}
+    assert read == {"unread": 3, "read_id": ids[1], "mentions": 0}
     event = await until(bob_b, lambda e: e["type"] == "unread")
     assert event["room"] == "general" and event["unread"] == 3 and event["read_id"] == ids[1]
     # Markers only move forward.
     back = await bob_b.request("read", room="general", id=ids[0])
-    assert back == {"unread": 3, "read_id": ids[1]}
+    assert back == {"unread": 3, "read_id": ids[1], "mentions": 0}
     fresh = await clients(b.ws_url, user="bob")
     general = [r for r in fresh.welcome["rooms"] if r["id"] == "general"][0]
     assert general["unread"] == 3 and general["seq"] == 5
