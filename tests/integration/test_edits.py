@@ -6,24 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-import pytest
 
 from node.archive import archive, read_archive
-from node.client import ChatClient, ChatClientError
+from node.client import ChatClient
 from node.keys import Keys
 
 from .test_polling import Poller
 from .test_webhooks import Receiver, hook_env, signed
 from .test_webhooks import receiver as receiver  # the fixture
+from .wire import error_code, until
 
 KEYS = Keys(16)
 
-
-async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
-    while True:
-        event = await client.next_event(timeout=timeout)
-        if predicate(event):
-            return event
 
 
 async def events_until(client: ChatClient, last: Any, timeout: float = 10.0) -> list[dict]:
@@ -36,11 +30,6 @@ async def events_until(client: ChatClient, last: Any, timeout: float = 10.0) -> 
             if last(event):
                 return out
 
-
-async def error_code(coro) -> str:
-    with pytest.raises(ChatClientError) as info:
-        await coro
-    return info.value.code
 
 
 def brief(event: dict) -> tuple:

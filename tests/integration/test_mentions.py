@@ -8,15 +8,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from node.client import ChatClient
 from node.keys import Keys
 
-
-async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
-    while True:
-        event = await client.next_event(timeout=timeout)
-        if predicate(event):
-            return event
+from .wire import until
 
 
 def room_of(welcome: dict[str, Any], room: str) -> dict[str, Any]:

@@ -7,14 +7,7 @@ import signal
 
 import aiohttp
 
-from node.client import ChatClient
-
-
-async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
-    while True:
-        event = await client.next_event(timeout=timeout)
-        if predicate(event):
-            return event
+from .wire import until
 
 
 def presence_of(user: str, status: str):

@@ -5,24 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from node.client import ChatClient, ChatClientError
 from tests.integration.test_webhooks import hook_env, receiver  # noqa: F401 (the fixture)
 
-
-async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
-    """The next event satisfying ``predicate`` (others are skipped)."""
-    while True:
-        event = await client.next_event(timeout=timeout)
-        if predicate(event):
-            return event
-
-
-async def error_code(coro) -> str:
-    with pytest.raises(ChatClientError) as info:
-        await coro
-    return info.value.code
+from .wire import error_code, until
 
 
 def room_of(welcome: dict[str, Any], room: str) -> dict[str, Any]:

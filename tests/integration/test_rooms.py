@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node.client import ChatClient, ChatClientError
+from node.client import ChatClientError
 
-
-async def until(client: ChatClient, predicate, timeout: float = 10.0) -> dict:
-    """The next event satisfying ``predicate`` (others are skipped)."""
-    while True:
-        event = await client.next_event(timeout=timeout)
-        if predicate(event):
-            return event
-
-
-async def error_code(coro) -> str:
-    with pytest.raises(ChatClientError) as info:
-        await coro
-    return info.value.code
+from .wire import error_code, until
 
 
 async def test_open_room_lifecycle_across_nodes(start_nodes, clients):

@@ -17,12 +17,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis
 from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from node.client import ChatClient
+from node.client import ChatClient, ChatClientError
 
 # Section 2.2 and 2.4 of the contract.
 ERROR_CODES = {"bad_request", "unauthorized", "forbidden", "not_found", "conflict", "too_large",
@@ -237,3 +238,19 @@ def master_port_of(port: int, key: str) -> int:
     finally:
         client.close()
     raise AssertionError("slot not covered")
+
+
+# -- ChatClient helpers ---------------------------------------------------------------------------
+async def until(client: ChatClient, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """The next event satisfying ``predicate`` (others are skipped)."""
+    while True:
+        event = await client.next_event(timeout=timeout)
+        if predicate(event):
+            return event
+
+
+async def error_code(coro: Any) -> str:
+    """The error code a command fails with (it must fail)."""
+    with pytest.raises(ChatClientError) as info:
+        await coro
+    return str(info.value.code)
