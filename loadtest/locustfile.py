@@ -26,8 +26,9 @@ What is measured
   named by the room's size bucket (``general``, ``dm``, ``room<=10``, ...), whose response time
   is the end-to-end latency from the sender's clock (the text starts with ``lt <send µs>``).
   Messages of other senders (not this locustfile) are checked but not timed.
-* Per receiving session the ``seq`` of each room must be contiguous: a jump is a ``gap``
-  failure, a repeat a ``duplicate`` failure (type ``WS seq``/``poll seq``). A resume keeps the
+* Per receiving session the ``seq`` of each room must be contiguous: a jump that no ``delete``
+  event accounts for (its ``deleted_seq``) by the end of the run is a ``gap`` failure, a repeat
+  a ``duplicate`` failure (type ``WS seq``/``poll seq``). A resume keeps the
   last seq, so the replay after a reconnect must fill the gap exactly. Own messages never echoed
   back within ``--chat-lost-after-s`` are ``lost`` failures at stop.
 * Edits and deletes (``edit``/``delete`` events, no ``seq``) are checked like messages: each
@@ -208,6 +209,8 @@ class Receiver:
         self.pending: dict[str, float] = {}  # cmid -> monotonic send time
         self.pending_folds: dict[str, float] = {}  # "edit:<id>" / "delete:<id>" -> request time
         self.folds: dict[str, None] = {}  # edit/delete entries seen (insertion-ordered, capped)
+        self.holes: dict[str, dict[int, str]] = {}  # room -> seqs skipped -> why (gap unless deleted)
+        self.deleted: dict[str, set[int]] = {}  # room -> deleted seqs not (yet) seen as holes
         self.general_seen = 0
 
     def fire(self, rtype: str, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
@@ -254,7 +257,15 @@ class Receiver:
             self.fire("seq", bucket, 0, 0, SeqError(f"duplicate seq{where}"))
             return
         elif seq != st.seq + 1:
-            self.fire("seq", bucket, 0, 0, SeqError(f"gap{where}: {seq - st.seq - 1} missing"))
+            # A hole may be a deleted message (its delete event, with ``deleted_seq``, comes
+            # before or after): a gap only if no delete accounts for it by the end of the run.
+            deleted = self.deleted.setdefault(room, set())
+            holes = self.holes.setdefault(room, {})
+            for missing in range(st.seq + 1, seq):
+                if missing in deleted:
+                    deleted.discard(missing)
+                elif len(holes) < 10_000:
+                    holes[missing] = f"gap{where}"
         st.loose = False
         st.since = ""
         st.seq = seq
@@ -282,6 +293,12 @@ class Receiver:
             self.folds.pop(next(iter(self.folds)))
         if st is not None and ev.get("entry_id"):
             st.last_id = ev["entry_id"]
+        if ev["type"] == "delete" and isinstance(ev.get("deleted_seq"), int):
+            room = ev.get("room", "")
+            if self.holes.get(room, {}).pop(ev["deleted_seq"], None) is None:
+                seen = self.deleted.setdefault(room, set())
+                if len(seen) < 10_000:
+                    seen.add(ev["deleted_seq"])
         key = f"{ev['type']}:{ev.get('id')}"
         t = self.pending_folds.pop(key, None)
         if t is not None:
@@ -297,6 +314,12 @@ class Receiver:
             if now - t > after_s:
                 self.fire("lost", "own edit/delete", 0, 0, SeqError(f"own {key} never arrived"))
             del self.pending_folds[key]
+        for room, holes in self.holes.items():
+            st = self.rooms.get(room)
+            for why in holes.values():
+                self.fire("seq", size_bucket(room, st.members if st else None), 0, 0,
+                          SeqError(f"{why}: 1 missing"))
+        self.holes.clear()
 
 
 class CommandError(Exception):

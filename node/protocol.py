@@ -258,7 +258,13 @@ def fold_event(room: str, sid: str, fields: dict[bytes, bytes]) -> dict[str, Any
     if fields.get(b"x") == b"e":
         return {"type": "edit", "room": room, "id": target, "text": fields.get(b"t", b"").decode(),
                 "edited_at": int(sid.partition("-")[0]), "by": by, "entry_id": sid}
-    return {"type": "delete", "room": room, "id": target, "by": by, "entry_id": sid}
+    event: dict[str, Any] = {"type": "delete", "room": room, "id": target, "by": by, "entry_id": sid}
+    deleted_seq = fields.get(b"ds")
+    if deleted_seq is not None:
+        # Extension: the deleted message's seq, so that a client checking seq continuity knows
+        # the hole it leaves in a replay or poll that no longer has the message.
+        event["deleted_seq"] = int(deleted_seq)
+    return event
 
 
 def entry_seq(fields: dict[bytes, bytes]) -> int:

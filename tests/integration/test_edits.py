@@ -58,6 +58,7 @@ async def test_edit_and_delete_reach_sessions_on_other_nodes_in_order(start_node
                     "entry_id": edit["entry_id"]}
     assert "seq" not in edit and "seq" not in delete
     assert delete["by"] == {"id": "alice", "name": "Alice"} and "text" not in delete
+    assert delete["deleted_seq"] == m2["seq"]  # extension: the hole it leaves is accounted for
     # Each is an entry of its own, between the messages around it.
     assert m2["id"] < edit["entry_id"] < delete["entry_id"] < m3["id"]
     # The author's own other session (same node) gets them too.

@@ -14,7 +14,7 @@ def test_edit_and_delete_entries_decode_into_their_events():
     delete = {b"x": b"d", b"m": b"100-0", b"f": b"mod", b"n": b"Mod", b"q": b"7", b"ds": b"3"}
     assert message_event("general", "300-0", delete) == {
         "type": "delete", "room": "general", "id": "100-0", "by": {"id": "mod", "name": "Mod"},
-        "entry_id": "300-0"}
+        "entry_id": "300-0", "deleted_seq": 3}
     assert entry_seq(edit) == 7 and entry_seq({b"s": b"4", b"f": b"a"}) == 4
 
 
