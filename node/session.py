@@ -161,9 +161,15 @@ class Sessions:
             if not isinstance(room, str):
                 continue
             start = (event.get("room") or {}).get("last_id") or "0-0"
+            removed = event.get("change") == "removed"
             for sink in list(topic.sinks):
                 sub = getattr(sink, "sub", None)  # a long poll's waiter has no session
                 if sub is not None:
+                    if removed:
+                        # At once, in this dispatch, before the event reaches the socket: a
+                        # kicked or leaving user gets nothing of the room after being told.
+                        # The reconcile below puts it back if Redis says they are a member.
+                        self.unsubscribe_room(sub, room)
                     self.jobs.spawn(self.reconcile_room(sub, UserId(topic.name), room, start), "membership")
         self.jobs.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 
