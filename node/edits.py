@@ -62,6 +62,22 @@ local function unpad(p)
 end
 """
 
+# Lua, shared with the append script (node.streams.APPEND_LUA): after the XADD of entry ``id``
+# to ``stream``, trim the entries older than ``max_age`` ms (an ARGV string, '0' off) relative
+# to ``id`` (Redis's clock, like the ids; XADD takes one trim strategy, hence XTRIM) and record
+# ``id`` as the room's ``last_id`` in ``meta``. The callers pass their own KEYS entries: every
+# key is still a declared key of the script (one slot, Redis Cluster).
+LUA_NOTE_APPENDED = """
+local function note_appended(stream, meta, id, max_age)
+  max_age = tonumber(max_age)
+  if max_age > 0 then
+    local cut = tonumber(string.match(id, '^(%d+)')) - max_age
+    if cut > 0 then redis.call('XTRIM', stream, 'MINID', '~', string.format('%.0f', cut)) end
+  end
+  redis.call('HSET', meta, 'last_id', id)
+end
+"""
+
 # KEYS: 1 stream, 2 meta, 3 members, 4 folds, 5 edited, 6 tombs, 7 tomb ops, 8 dedupe,
 # 9 the shard's webhook outbox.
 # ARGV: 1 target id, 2 user, 3 name, 4 text ('' for a delete), 5 maxlen, 6 max_age_ms (0 off),
@@ -69,7 +85,7 @@ end
 # others' messages (owner/admin), 10 the outbox maxlen ('0': webhooks off), 11 the room id.
 # Returns {1, entry id} | {-1} no room | {-2} not a member | {-3} no such message |
 # {-4} a system message | {-5} not the author.
-_LUA_COMMON = _LUA_IDS + """
+_LUA_COMMON = _LUA_IDS + LUA_NOTE_APPENDED + """
 local prev = redis.call('GET', KEYS[8])
 if prev then return {1, prev} end
 if redis.call('HEXISTS', KEYS[2], 'epoch') == 0 then return {-1, ''} end
@@ -82,12 +98,7 @@ for i = 1, #raw, 2 do msg[raw[i]] = raw[i + 1] end
 if msg['x'] or not msg['s'] then return {-3, ''} end
 local seq = redis.call('HGET', KEYS[2], 'seq') or '0'
 local function appended(id)
-  local max_age = tonumber(ARGV[6])
-  if max_age > 0 then
-    local cut = tonumber(string.match(id, '^(%d+)')) - max_age
-    if cut > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', cut)) end
-  end
-  redis.call('HSET', KEYS[2], 'last_id', id)
+  note_appended(KEYS[1], KEYS[2], id, ARGV[6])
   redis.call('SET', KEYS[8], id, 'EX', ARGV[8])
   """ + outbox_xadd("KEYS[9]", "ARGV[10]", "'r'", "ARGV[11]", "'i'", "id") + """
 end

@@ -90,24 +90,36 @@ return 1
 """
 
 NOT_FOUND = "no such room"
-Refusals = dict[int, tuple[type[ChatError], str]]
-SET_ROLE_ERRORS: Refusals = {
-    -1: (NotFound, NOT_FOUND),
-    -2: (BadRequest, "only created rooms have roles"),
-    -3: (Forbidden, "only the room's owner may change roles"),
-    -4: (BadRequest, "the owner's role cannot change"),
-    -5: (BadRequest, "the user is not a member of the room"),
-}
-KICK_ERRORS: Refusals = {
-    -1: (NotFound, NOT_FOUND),
-    -2: (BadRequest, "nobody can be kicked from this room"),
-    -3: (Forbidden, "only the room's owner and admins may kick"),
-    -4: (Forbidden, "the owner cannot be kicked"),
-    -5: (BadRequest, "the user is not a member of the room"),
-    -6: (BadRequest, "use leave to leave a room"),
-    -7: (Forbidden, "only the owner may kick an admin"),
-    -8: (BadRequest, "too many users kicked from this room (CHAT_MAX_ROOM_MEMBERS); invite some back first"),
-}
+Refusal = tuple[type[ChatError], str]
+Refusals = dict[int, Refusal]
+
+
+def refusals(no_roles: str, not_allowed: str, owner_target: Refusal, *more: Refusal) -> Refusals:
+    """The refusal codes of a role script: those both scripts share (-1 no such room, -2
+    ``no_roles``: a room without roles, -3 ``not_allowed``: the caller may not, -4
+    ``owner_target``: the target is the owner, -5 the target is not a member), then ``more``
+    from -6 down."""
+    table: Refusals = {
+        -1: (NotFound, NOT_FOUND),
+        -2: (BadRequest, no_roles),
+        -3: (Forbidden, not_allowed),
+        -4: owner_target,
+        -5: (BadRequest, "the user is not a member of the room"),
+    }
+    for i, extra in enumerate(more):
+        table[-6 - i] = extra
+    return table
+
+
+SET_ROLE_ERRORS = refusals("only created rooms have roles", "only the room's owner may change roles",
+                           (BadRequest, "the owner's role cannot change"))
+KICK_ERRORS = refusals(
+    "nobody can be kicked from this room", "only the room's owner and admins may kick",
+    (Forbidden, "the owner cannot be kicked"),
+    (BadRequest, "use leave to leave a room"),  # -6
+    (Forbidden, "only the owner may kick an admin"),  # -7
+    (BadRequest, "too many users kicked from this room (CHAT_MAX_ROOM_MEMBERS); invite some back first"),  # -8
+)
 
 
 def refusal(code: int, table: Refusals) -> ChatError:

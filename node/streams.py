@@ -13,7 +13,7 @@ from typing import Any
 
 from .autopipe import AppendPipe
 from .durable import DurableAppend
-from .edits import fill_holes
+from .edits import LUA_NOTE_APPENDED, fill_holes
 from .errors import Forbidden, NotFound
 from .keys import Keys, RoomId, StreamId
 from .protocol import MAX_STREAM_PART, entry_seq, stream_id_tuple
@@ -30,7 +30,7 @@ from .webhooks import Outbox, outbox_xadd
 # Every append carries a dedupe key: the client's cmid, or one the node made up, so that a
 # command retried after a lost connection (see redisio.retry_policy) never appends twice.
 # A repeated cmid rewrites its key's expiry (see node.durable: CHAT_REDIS_WAIT_REPLICAS).
-APPEND_LUA = """
+APPEND_LUA = LUA_NOTE_APPENDED + """
 local prev = redis.call('GET', KEYS[3])
 if prev then
   -- A write replicated after the first append: a WAIT that follows covers that append too.
@@ -44,12 +44,7 @@ local fields = {'f', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 's', seq}
 if ARGV[9] == '1' then fields[#fields + 1] = 'c'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'k'; fields[#fields + 1] = ARGV[6] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
-local max_age = tonumber(ARGV[8])
-if max_age > 0 then
-  local cut = tonumber(string.match(id, '^(%d+)')) - max_age
-  if cut > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', cut)) end
-end
-redis.call('HSET', KEYS[2], 'last_id', id)
+note_appended(KEYS[1], KEYS[2], id, ARGV[8])
 redis.call('SET', KEYS[3], id .. ' ' .. seq, 'EX', ARGV[7])
 """ + outbox_xadd("KEYS[5]", "ARGV[11]", "'r'", "ARGV[12]", "'i'", "id") + """
 return {1, id .. ' ' .. seq}

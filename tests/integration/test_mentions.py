@@ -10,11 +10,7 @@ import orjson
 
 from node.keys import Keys
 
-from .wire import until
-
-
-def room_of(welcome: dict[str, Any], room: str) -> dict[str, Any]:
-    return next(r for r in welcome["rooms"] if r["id"] == room)
+from .wire import room_of, until
 
 
 async def server_alert(http_url: str, user: str, title: str) -> None:

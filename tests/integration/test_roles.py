@@ -7,11 +7,7 @@ from typing import Any
 
 from tests.integration.test_webhooks import hook_env, receiver  # noqa: F401 (the fixture)
 
-from .wire import error_code, until
-
-
-def room_of(welcome: dict[str, Any], room: str) -> dict[str, Any]:
-    return next(r for r in welcome["rooms"] if r["id"] == room)
+from .wire import error_code, room_of, until
 
 
 async def test_set_role_permissions_and_roles_in_summaries(start_nodes, clients):

@@ -249,6 +249,11 @@ async def until(client: ChatClient, predicate: Any, timeout: float = 10.0) -> di
             return event
 
 
+def room_of(welcome: dict[str, Any], room: str) -> dict[str, Any]:
+    """The summary of ``room`` in a welcome frame's ``rooms``."""
+    return next(r for r in welcome["rooms"] if r["id"] == room)
+
+
 async def error_code(coro: Any) -> str:
     """The error code a command fails with (it must fail)."""
     with pytest.raises(ChatClientError) as info:

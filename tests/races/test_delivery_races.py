@@ -8,22 +8,16 @@ import asyncio
 from tests.integration.wire import hello, next_of, raw_connect
 
 from .conftest import api, command, until, ws_url
+from .reader import reader_held
 from .test_session_races import messages_of
 
 
 async def test_a_reader_behind_the_trimmed_history_tells_its_sessions(inproc, redis_client):
     """Entries trimmed before the shard reader read them: the session must be told
     (room updated, recovered: false), not skip them silently."""
-    node = await inproc()
-    ws = await raw_connect(ws_url(node))
-    await hello(ws, "ann")
-    first = await command(node, "bo", {"type": "send", "room": "general", "text": "m0"})
-    assert (await messages_of(ws, "general", 1))[0]["id"] == first["id"]
-    gate = node.pauses.arm("reader.rooms.before_read")
     # The reader is held before its next read: after it read "wake", or before (it may have
     # been on its way round already, and then "wake" is trimmed with the rest).
-    await command(node, "bo", {"type": "send", "room": "general", "text": "wake"})
-    await gate.reached()
+    node, ws, gate = await reader_held(inproc)
     for i in range(10):
         await command(node, "bo", {"type": "send", "room": "general", "text": f"m{i + 1}"})
     await redis_client.xtrim(node.keys.room_stream("general"), maxlen=3, approximate=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.integration.wire import hello, raw_connect, recv_json
+from tests.integration.wire import recv_json
 
-from .conftest import command, ws_url
-from .test_session_races import messages_of
+from .conftest import command
+from .reader import reader_held
 
 
 async def room_frames_until(ws: Any, last_text: str) -> list[dict[str, Any]]:
@@ -23,14 +23,7 @@ async def room_frames_until(ws: Any, last_text: str) -> list[dict[str, Any]]:
 
 
 async def test_a_message_deleted_before_the_reader_read_it_is_no_gap(inproc):
-    node = await inproc()
-    ws = await raw_connect(ws_url(node))
-    await hello(ws, "ann")
-    first = await command(node, "bo", {"type": "send", "room": "general", "text": "m0"})
-    assert (await messages_of(ws, "general", 1))[0]["id"] == first["id"]
-    gate = node.pauses.arm("reader.rooms.before_read")
-    await command(node, "bo", {"type": "send", "room": "general", "text": "wake"})
-    await gate.reached()
+    node, ws, gate = await reader_held(inproc)
     # While the reader is held: m1 and m2 are sent, then m1 is deleted (gone from the stream):
     # the reader finds m2's seq after a hole, and the delete that explains it after m2.
     m1 = await command(node, "bo", {"type": "send", "room": "general", "text": "m1"})
@@ -51,14 +44,7 @@ async def test_a_message_deleted_before_the_reader_read_it_is_no_gap(inproc):
 
 async def test_a_delete_read_before_the_next_message_is_no_gap(inproc):
     """The delete entry is read in one batch, the message after the hole in the next."""
-    node = await inproc()
-    ws = await raw_connect(ws_url(node))
-    await hello(ws, "ann")
-    await command(node, "bo", {"type": "send", "room": "general", "text": "m0"})
-    await messages_of(ws, "general", 1)
-    gate = node.pauses.arm("reader.rooms.before_read")
-    await command(node, "bo", {"type": "send", "room": "general", "text": "wake"})
-    await gate.reached()
+    node, ws, gate = await reader_held(inproc)
     m1 = await command(node, "bo", {"type": "send", "room": "general", "text": "m1"})
     await command(node, "bo", {"type": "delete", "room": "general", "id": m1["id"]})
     gate.release()
