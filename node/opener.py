@@ -126,9 +126,12 @@ class SessionOpener:
         # The replays, the summaries and the personal replay are independent: read concurrently.
         seqs = {room: seq for room, (_, seq) in joined.items() if seq >= 0}
         ranges, summaries, (personal, personal_ok) = await concurrently(
+            # A cursor at the position has nothing to replay (plan_replay says so without
+            # entries): no read. That is every room of a client that was live until now.
             self.streams.replay_ranges(
                 {room: (cursor_id, positions[room]) for room, (cursor_epoch, cursor_id) in cursors.items()
-                 if cursor_epoch == metas[room].epoch}, settings.replay_limit),
+                 if cursor_epoch == metas[room].epoch and cursor_id != positions[room]},
+                settings.replay_limit),
             self.summaries.summaries(user, metas, positions, seqs),
             self._personal_replay(user, raw_personal, epoch, pdel, p0))
         for room, (cursor_epoch, cursor_id) in cursors.items():

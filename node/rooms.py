@@ -23,6 +23,7 @@ from .webhooks import outbox_xadd
 
 KINDS = ("general", "open", "closed", "direct")
 NOT_FOUND = "no such room"
+MAX_REMEMBERED_COUNTS = 10_000  # member counts remembered for advisory uses (see member_counts)
 
 
 def dm_room(a: str, b: str) -> RoomId:
@@ -123,6 +124,7 @@ class Rooms:
         self._capped_add = redis.register_script(CAPPED_ADD_LUA)
         self._member_add = redis.register_script(MEMBER_ADD_LUA)
         self._member_remove = redis.register_script(MEMBER_REMOVE_LUA)
+        self._counts: dict[str, tuple[float, int]] = {}  # room -> (monotonic time, member count)
 
     async def publish(self, room: str, user: str, name: str, text: str, cmid: str | None,
                       kind: str = "", check_member: bool = False) -> Appended:
@@ -318,11 +320,23 @@ class Rooms:
             raw = await self.redis.smembers(self.keys.room_members(room))
         return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
 
-    async def member_counts(self, rooms: list[str]) -> dict[str, int]:
+    async def member_counts(self, rooms: list[str], max_age_s: float = 0.0) -> dict[str, int]:
+        """Member count of each room, read from Redis. With ``max_age_s`` a count this node read
+        at most that long ago is taken instead (for advisory uses: which rooms are small enough
+        for per-user presence events); every read refreshes those remembered counts."""
         if not rooms:
             return {}
-        others = [room for room in rooms if room != GENERAL]
         out: dict[str, int] = {}
+        now = time.monotonic()
+        if max_age_s > 0:
+            for room in rooms:
+                seen = self._counts.get(room)
+                if seen is not None and now - seen[0] <= max_age_s:
+                    out[room] = seen[1]
+            if len(out) == len(rooms):
+                return out
+            rooms = [room for room in rooms if room not in out]
+        others = [room for room in rooms if room != GENERAL]
 
         async def general() -> None:
             # PFCOUNT outside the pipeline: the cluster client refuses it in one (it may name
@@ -339,7 +353,11 @@ class Rooms:
         with unavailable_on_redis_errors("members"):
             # Concurrently: one round trip of latency, not two.
             await concurrently(*([general()] if GENERAL in rooms else []), *([created()] if others else []))
-        return {room: out[room] for room in rooms}
+        if len(self._counts) >= MAX_REMEMBERED_COUNTS:
+            self._counts.clear()
+        for room in rooms:
+            self._counts[room] = (now, out[room])
+        return {room: out[room] for room in rooms} if max_age_s <= 0 else out
 
     async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:
         """Open rooms from the directory (id -> name), filtered by a case-insensitive query."""

@@ -37,6 +37,8 @@ from .streams import RoomMeta, RoomStreams, room_gap_event, room_summary
 from .summaries import RoomSummaries
 from .supervise import Jobs
 
+PERSONAL = "@personal"  # the key of the user's personal topic among a session's topics
+
 
 @dataclass(eq=False)
 class Subscription:
@@ -50,6 +52,10 @@ class Subscription:
 
     def __post_init__(self) -> None:
         self.sink.sub = self  # personal events find the session of a sink without the transport
+
+    def rooms(self) -> list[str]:
+        """The rooms the session is subscribed to now."""
+        return [room for room in self.topics if room != PERSONAL]
 
 
 class WsLive:
@@ -67,7 +73,7 @@ class WsLive:
     async def personal(self, user: UserId, epoch: str, last_id: str) -> str:
         topic, is_new = self.sessions.personal_topic(user, last_id, epoch)
         topic.sinks.add(self.sub.sink)
-        self.sub.topics["@personal"] = topic
+        self.sub.topics[PERSONAL] = topic
         upto = topic.pos
         if is_new:
             await self.sessions.fanout.reader_of(topic).interrupt(topic.key)

@@ -173,7 +173,7 @@ class RoomSummaries:
             rooms = [t for t in list(fanout.topics.values()) if t.kind == "room" and t.sinks]
             if not rooms:
                 continue
-            counts = await self.rooms.member_counts([t.name for t in rooms])
+            counts = await self.rooms.member_counts([t.name for t in rooms], max_age_s=PRESENCE_COUNT_INTERVAL_S)
             for topic in rooms:
                 if counts.get(topic.name, 0) <= self.settings.presence_room_limit:
                     continue

@@ -263,6 +263,7 @@ class WsServer:
             if conn.ip:
                 self.ip_counts.remove(conn.ip)
             self.connections.discard(conn)
+            rooms = conn.sub.rooms()
             self.sessions.close_ws(conn.sub)
             if conn.inflight:  # sends already queued to Redis: let them finish (owned here)
                 try:
@@ -272,7 +273,8 @@ class WsServer:
                     for task in list(conn.inflight):
                         task.cancel()
             if conn.caller is not None:
-                await self.online.ended(conn.caller.user, conn.caller.identity.name, conn.caller.session_id)
+                await self.online.ended(conn.caller.user, conn.caller.identity.name, conn.caller.session_id,
+                                        rooms)
             METRICS.connections_open.labels(transport="ws").dec()
             conn.ended = True  # a later close_soon (a drain timer) starts no task nobody awaits
             if conn.close_task is not None:
@@ -355,7 +357,7 @@ class WsServer:
             conn.sub.sink.owner = identity.user
             conn.sub.sink.session = conn.id
             # CHAT_MAX_CONNECTIONS_PER_USER, cluster-wide, is checked where the session is added.
-            await self.online.started(identity.user, identity.name, conn.id, True)
+            await self.online.started(identity.user, identity.name, conn.id, True, rooms=conn.sub.rooms)
             await self.sessions.open_ws(identity, hello.frame, conn.sub, conn.id)
         except RateLimited as exc:
             log.info("hello refused: too many sessions", extra={"conn": conn.id, "user": identity.user})

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from .wire import metric
+from .wire import metric, op_count
 
 
 class Poller:
@@ -219,8 +219,7 @@ async def test_typing_and_presence_do_not_wake_a_long_poll(start_nodes, clients)
 async def redis_reads(http_url: str) -> dict[str, float]:
     """Redis calls a poll makes to collect (the room metadata is left out: a shard reader that
     starts reads it once, asynchronously, for its rooms)."""
-    return {op: await metric(http_url, f'chatcluster_redis_command_duration_seconds_count{{op="{op}"}}')
-            for op in ("user_rooms", "personal", "replay")}
+    return {op: await op_count(http_url, op) for op in ("user_rooms", "personal", "replay")}
 
 
 async def test_an_idle_poll_reads_nothing_from_redis_and_still_sees_every_change(start_nodes, clients):

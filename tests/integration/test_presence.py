@@ -7,7 +7,7 @@ import signal
 
 import aiohttp
 
-from .wire import until
+from .wire import op_count, until
 
 
 def presence_of(user: str, status: str):
@@ -198,3 +198,24 @@ async def test_heartbeat_restarts_a_live_session_that_redis_lost(start_nodes, cl
         assert loop.time() < deadline, "the heartbeat never restarted the live session"
         await asyncio.sleep(0.1)
     await zed.close()
+
+
+async def test_presence_transitions_of_a_websocket_session_read_nothing(start_nodes, clients):
+    """A WebSocket session's online and offline announcements go to the rooms the session is
+    subscribed to, and whether a room is small enough for per-user events comes from member
+    counts the node read in the last seconds (every hello reads them): a transition reads
+    neither the user's rooms nor member counts from Redis, and still reaches every room."""
+    a, b = start_nodes(2)
+    watcher = await clients(b.ws_url, user="watcher")
+    room = (await watcher.request("create_room", name="pair", visibility="closed",
+                                  members=["erin"]))["room"]["id"]
+    erin = await clients(a.ws_url, user="erin")  # her hello reads her rooms' member counts
+    ops = ("user_rooms", "members")
+    before = {op: await op_count(a.http_url, op) for op in ops}
+    for status in ("online", "offline"):
+        seen: set[str] = set()
+        while seen != {"general", room}:  # one event per room, in any order
+            seen.add((await until(watcher, presence_of("erin", status)))["room"])
+        if status == "online":
+            await erin.close()
+    assert {op: await op_count(a.http_url, op) for op in ops} == before

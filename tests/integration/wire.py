@@ -128,6 +128,11 @@ async def metric(http_url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+async def op_count(http_url: str, op: str) -> float:
+    """How many Redis calls (commands or pipelines) the node made for ``op`` so far."""
+    return await metric(http_url, f'chatcluster_redis_command_duration_seconds_count{{op="{op}"}}')
+
+
 # -- a WebSocket client over a bare socket (for a client that never reads) --------------------
 
 def ws_handshake(host: str, port: int, rcvbuf: int | None = None, timeout: float = 5.0) -> socket.socket:
