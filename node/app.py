@@ -170,6 +170,8 @@ class Node:
         # Summed at scrape time only: walking every connection twice a second costs real CPU
         # on a node holding tens of thousands of idle sockets.
         METRICS.outbound_bytes.set_function(self.ws.buffered_bytes)
+        METRICS.streams_read.set_function(lambda: float(len(self.fanout.topics)))
+        METRICS.streams_lingering.set_function(self.fanout.lingering)
         if signals:
             for sig, handler in ((signal.SIGTERM, self._drain.set), (signal.SIGINT, self.stop)):
                 try:

@@ -256,6 +256,12 @@ class Settings:
     poll_cache_users: int = setting("CHAT_POLL_CACHE_USERS", int, 20000,
         "Polling users whose rooms and positions a node keeps between polls, so that an idle "
         "poll reads nothing from Redis (0 = off)", _non_negative)
+    topic_linger_s: float = setting("CHAT_TOPIC_LINGER_S", float, 15.0,
+        "Seconds a node keeps reading a room or personal stream after its last local session "
+        "left, so that a reload or reconnect finds it read (0 = stop at once)", _non_negative)
+    topic_linger_max: int = setting("CHAT_TOPIC_LINGER_MAX", int, 20000,
+        "Streams a node keeps reading that way at most (past it, the last session's leaving "
+        "stops the read at once)", _non_negative)
     max_json_depth: int = setting("CHAT_MAX_JSON_DEPTH", int, MAX_JSON_DEPTH,
         "Deepest nesting of a command frame (the frame object is level 1)", lambda v: None if MIN_JSON_DEPTH <= v <= 64 else f"must be {MIN_JSON_DEPTH}..64")
     personal_maxlen: int = setting("CHAT_PERSONAL_MAXLEN", int, 500,

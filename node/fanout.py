@@ -290,6 +290,10 @@ class Fanout:
         self._ready = asyncio.Event()
         self._on_epoch_check = on_epoch_check
         self._ephemeral = ephemeral  # builds a shard's ephemeral-events topic
+        # Topics kept after their last subscriber left (see unsubscribe): key -> its timer.
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        self._linger_s = float(getattr(settings, "topic_linger_s", 0.0))
+        self._linger_max = int(getattr(settings, "topic_linger_max", 0))
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -299,6 +303,9 @@ class Fanout:
 
     async def stop(self) -> None:
         """Stop every shard reader (the node is stopping)."""
+        for timer in self._lingering.values():
+            timer.cancel()
+        self._lingering.clear()
         for reader in list(self.readers.values()):
             await reader.stop()
 
@@ -357,9 +364,35 @@ class Fanout:
         return topic
 
     def unsubscribe(self, topic: Topic, sink: Sink) -> None:
+        """``sink`` leaves ``topic``. The last one to leave a room or personal topic does not
+        end the read at once: the topic lingers (CHAT_TOPIC_LINGER_S), so that the user's
+        reload or reconnect -- the most common session there is -- finds its streams read:
+        no reader is interrupted to add them, and their positions are known. Bounded by
+        CHAT_TOPIC_LINGER_MAX; a lingering topic's entries go to nobody."""
         topic.sinks.discard(sink)
-        if not topic.sinks and not topic.pins and self.topics.get(topic.key) is topic:
-            self.remove(topic)
+        if topic.sinks or self.topics.get(topic.key) is not topic:
+            return
+        lingering = self._lingering.pop(topic.key, None)
+        if lingering is not None:  # left again while lingering: linger from now
+            lingering.cancel()
+            topic.pins -= 1
+        if topic.pins:
+            return
+        if self._linger_s > 0 and len(self._lingering) < self._linger_max and topic.kind in ("room", "personal"):
+            topic.pins += 1
+            self._lingering[topic.key] = asyncio.get_running_loop().call_later(
+                self._linger_s, self._linger_over, topic)
+            return
+        self.remove(topic)
+
+    def lingering(self) -> float:
+        """How many topics are read for nobody now, waiting for a reconnect (a gauge; a topic
+        subscribed again keeps its timer, harmlessly, until it runs out)."""
+        return float(sum(1 for key in self._lingering if (t := self.topics.get(key)) is not None and not t.sinks))
+
+    def _linger_over(self, topic: Topic) -> None:
+        if self._lingering.pop(topic.key, None) is not None:
+            self.unpin(topic)
 
     def pin(self, topic: Topic) -> None:
         """Keep reading ``topic`` while nobody subscribes to it, until :meth:`unpin`."""

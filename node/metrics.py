@@ -83,6 +83,12 @@ class Metrics:
             "Age of the newest entry of the last read, worst shard reader (0 when caught up)",
             registry=r)
         self.readers = Gauge("chatcluster_stream_readers", "Shard readers running", registry=r)
+        self.streams_read = Gauge(
+            "chatcluster_streams_read", "Streams this node reads (rooms, personal, ephemeral), lingering ones included",
+            registry=r)
+        self.streams_lingering = Gauge(
+            "chatcluster_streams_lingering",
+            "Streams read with no local session left, kept for a reconnect (CHAT_TOPIC_LINGER_S)", registry=r)
         self.polls_waiting = Gauge("chatcluster_polls_waiting", "Long polls waiting for events", registry=r)
         self.commands = Counter(
             "chatcluster_commands_total", "Client commands handled, by type and result", ["type", "result"], registry=r)

@@ -43,8 +43,9 @@ async def test_a_dm_opened_while_the_session_opens_is_delivered(inproc):
 async def test_a_topic_is_never_rebuilt_at_the_start_of_history(inproc):
     """Issue 12 #5: the last local subscriber of a room leaves while a hello is between reading
     the room and joining its topic. The topic must start at the room's end, not at 0-0 (which
-    replays the whole history live, as duplicates)."""
-    node = await inproc()
+    replays the whole history live, as duplicates). Without lingering topics (or when a
+    topic's linger ends at that moment: CHAT_TOPIC_LINGER_S)."""
+    node = await inproc(CHAT_TOPIC_LINGER_S=0)
     first = await raw_connect(ws_url(node))
     await hello(first, "amy")
     old = [await command(node, "amy", {"type": "send", "room": "general", "text": f"old {i}"}) for i in range(5)]
@@ -163,3 +164,49 @@ async def test_personal_events_past_the_limit_keep_the_newest(inproc):
     status, _ = await api(node, "/api/v1/alerts", {"to": ["ned"], "kind": "email", "title": "next"}, server=True)
     assert (await next_of(ws, "alert"))["title"] == "next"
     await ws.close()
+
+
+async def test_a_reconnect_finds_its_streams_still_read_and_gets_exactly_the_gap(inproc):
+    """CHAT_TOPIC_LINGER_S: when the last local session of a room leaves, the node goes on
+    reading the room (and the user's personal stream) for a while, so that a reload finds them
+    read: no shard reader is interrupted to add them, and the messages sent meanwhile come
+    once, in order, from the client's cursor."""
+    node = await inproc(CHAT_TOPIC_LINGER_S=60)
+    ws = await raw_connect(ws_url(node))
+    welcome = await hello(ws, "liz")
+    cursors = {r["id"]: {"epoch": r["epoch"], "id": r["last_id"]} for r in welcome["rooms"]}
+    key = node.keys.room_stream("general")
+    await ws.close()
+    await until(lambda: node.fanout.lingering() == 2)  # general and liz's personal stream
+    topic = node.fanout.get(key)
+    assert topic is not None and not topic.sinks
+    missed = [await command(node, "max", {"type": "send", "room": "general", "text": f"away {i}"})
+              for i in range(3)]
+    await until(lambda: topic.pos == missed[-1]["id"])  # still read, by nobody
+    interrupts: list[str] = []
+    for reader in node.fanout.readers.values():
+        def spy(key: str, original: Any = reader.interrupt) -> Any:
+            interrupts.append(key)
+            return original(key)
+        reader.interrupt = spy  # type: ignore[method-assign]
+    again = await raw_connect(ws_url(node))
+    welcome = await hello(again, "liz", cursors=cursors)
+    assert welcome["recovered"]["general"] is True
+    got = await messages_of(again, "general", 3)
+    assert [m["id"] for m in got] == [m["id"] for m in missed]
+    assert interrupts == [] and node.fanout.get(key) is topic and topic.sinks
+    assert node.fanout.lingering() == 0
+    new = await command(node, "max", {"type": "send", "room": "general", "text": "back"})
+    assert [m["id"] for m in await messages_of(again, "general", 1)] == [new["id"]]
+    await again.close()
+
+
+async def test_a_lingering_topic_is_no_longer_read_when_its_linger_ends(inproc):
+    node = await inproc(CHAT_TOPIC_LINGER_S=0.2)
+    ws = await raw_connect(ws_url(node))
+    await hello(ws, "kit")
+    key = node.keys.room_stream("general")
+    reader = node.fanout.reader_of(node.fanout.topics[key])
+    await ws.close()
+    await until(lambda: node.fanout.get(key) is None)
+    assert node.fanout.lingering() == 0 and key not in reader.topics
