@@ -9,6 +9,7 @@ the append are one script in one slot.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ from .protocol import ws_text_frame
 from .redisio import unavailable_on_redis_errors
 
 EPH_MAXLEN = 2000
+# Presence transitions announced by a node within this window share one entry per shard.
+PRESENCE_BATCH_S = 0.05
 
 # KEYS: gate, eph.  ARGV: interval_ms, room, user, name, maxlen.  1 if published, 0 if throttled.
 TYPING_LUA = """
@@ -59,35 +62,49 @@ class EphemeralTopic(Topic):
     def deliver(self, entries: list[Entry], now_ms: float) -> int:
         delivered = 0
         for raw_id, fields in entries:
-            sid = raw_id.decode()
-            self.pos = sid
-            kind = fields.get(b"k")
-            user = fields.get(b"u", b"").decode()
-            name = fields.get(b"n", b"").decode()
-            for room in fields.get(b"r", b"").decode().split(","):
-                topic = self.route(room)
-                if topic is None or not topic.sinks:
+            self.pos = raw_id.decode()
+            if fields.get(b"k") == b"presences":  # a node's batch: [[rooms, user, name, status], ...]
+                try:
+                    batch = orjson.loads(fields.get(b"p", b"[]"))
+                except orjson.JSONDecodeError:
                     continue
-                if kind == b"typing":
-                    event: dict[str, Any] = {"type": "typing", "room": room, "user": {"id": user, "name": name}}
-                    skip = user  # never echoed to the typist's own sessions
-                elif kind == b"presence":
-                    event = {"type": "presence", "room": room, "user": {"id": user, "name": name},
-                             "status": fields.get(b"s", b"").decode()}
-                    skip = ""
-                elif kind == b"receipt":
-                    event = {"type": "receipt", "room": room, "user": {"id": user, "name": name},
-                             "read_id": fields.get(b"i", b"").decode()}
-                    skip = user  # never for one's own reads
-                else:
-                    continue
-                frame = ws_text_frame(orjson.dumps(event))
-                for sink in topic.sinks:
-                    if sink.owner != skip and sink.takes_ephemeral:
-                        sink.push(frame)
-                        delivered += 1
+                for item in batch if isinstance(batch, list) else ():
+                    if isinstance(item, list) and len(item) == 4 and all(isinstance(x, str) for x in item):
+                        rooms, user, name, status = item
+                        delivered += self._deliver(b"presence", rooms, user, name, {"status": status})
+                continue
+            delivered += self._deliver(fields.get(b"k", b""), fields.get(b"r", b"").decode(),
+                                       fields.get(b"u", b"").decode(), fields.get(b"n", b"").decode(),
+                                       {"status": fields.get(b"s", b"").decode(),
+                                        "read_id": fields.get(b"i", b"").decode()})
         if delivered:
             METRICS.messages_delivered.inc(delivered)
+        return delivered
+
+    def _deliver(self, kind: bytes, rooms: str, user: str, name: str, extra: dict[str, str]) -> int:
+        delivered = 0
+        for room in rooms.split(","):
+            topic = self.route(room)
+            if topic is None or not topic.sinks:
+                continue
+            if kind == b"typing":
+                event: dict[str, Any] = {"type": "typing", "room": room, "user": {"id": user, "name": name}}
+                skip = user  # never echoed to the typist's own sessions
+            elif kind == b"presence":
+                event = {"type": "presence", "room": room, "user": {"id": user, "name": name},
+                         "status": extra["status"]}
+                skip = ""
+            elif kind == b"receipt":
+                event = {"type": "receipt", "room": room, "user": {"id": user, "name": name},
+                         "read_id": extra["read_id"]}
+                skip = user  # never for one's own reads
+            else:
+                continue
+            frame = ws_text_frame(orjson.dumps(event))
+            for sink in topic.sinks:
+                if sink.owner != skip and sink.takes_ephemeral:
+                    sink.push(frame)
+                    delivered += 1
         return delivered
 
 
@@ -107,6 +124,8 @@ class Ephemeral:
         self.typing_interval_ms = typing_interval_ms
         self._typing = redis.register_script(TYPING_LUA)
         self._receipt = redis.register_script(RECEIPT_LUA)
+        self._presences: list[tuple[list[str], str, str, str]] | None = None  # the batch filling now
+        self._presences_sent: asyncio.Future[None] | None = None
 
     async def typing(self, room: str, user: str, name: str) -> bool:
         """Publish a typing event unless the user typed in this room within the interval."""
@@ -132,16 +151,51 @@ class Ephemeral:
         return bool(int(published))
 
     async def presence(self, rooms: list[str], user: str, name: str, status: str) -> None:
-        """One presence event per shard for the given rooms (comma-joined)."""
-        by_shard: dict[int, list[str]] = {}
-        for room in rooms:
-            by_shard.setdefault(self.keys.room_shard(room), []).append(room)
-        if not by_shard:
+        """Announce a presence transition to ``rooms``; returns once it is in Redis.
+
+        The node's transitions of one PRESENCE_BATCH_S window go out together, one entry per
+        shard in one pipeline: under session churn every node's shard readers then wake once
+        per batch instead of once per user and shard. A lone transition is written as a plain
+        ``presence`` entry, a batch as ``presences`` (older nodes skip that kind)."""
+        if not rooms:
             return
+        if self._presences is not None and self._presences_sent is not None:
+            self._presences.append((rooms, user, name, status))
+            await asyncio.shield(self._presences_sent)
+            return
+        batch = self._presences = [(rooms, user, name, status)]
+        sent = self._presences_sent = asyncio.get_running_loop().create_future()
+        try:
+            try:
+                await asyncio.sleep(PRESENCE_BATCH_S)
+            finally:
+                self._presences = self._presences_sent = None
+            await self._write_presences(batch)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                sent.cancel()
+            else:
+                sent.set_exception(exc)
+                sent.exception()  # retrieved: every waiter gets it, nobody logs it as lost
+            raise
+        sent.set_result(None)
+
+    async def _write_presences(self, batch: list[tuple[list[str], str, str, str]]) -> None:
+        by_shard: dict[int, list[list[str]]] = {}
+        for rooms, user, name, status in batch:
+            mine: dict[int, list[str]] = {}
+            for room in rooms:
+                mine.setdefault(self.keys.room_shard(room), []).append(room)
+            for shard, shard_rooms in mine.items():
+                by_shard.setdefault(shard, []).append([",".join(shard_rooms), user, name, status])
         with unavailable_on_redis_errors("presence_event"):
             pipe = self.redis.pipeline(transaction=False)
-            for shard, shard_rooms in by_shard.items():
-                pipe.xadd(self.keys.shard_ephemeral(shard),
-                          {"k": "presence", "r": ",".join(shard_rooms), "u": user, "n": name, "s": status},
-                          maxlen=EPH_MAXLEN, approximate=True)
+            for shard, items in by_shard.items():
+                fields: dict[str, str | bytes]
+                if len(items) == 1:
+                    fields = {"k": "presence", "r": items[0][0], "u": items[0][1], "n": items[0][2],
+                              "s": items[0][3]}
+                else:
+                    fields = {"k": "presences", "p": orjson.dumps(items)}
+                pipe.xadd(self.keys.shard_ephemeral(shard), fields, maxlen=EPH_MAXLEN, approximate=True)
             await pipe.execute()

@@ -176,6 +176,10 @@ class Sessions:
                         # kicked or leaving user gets nothing of the room after being told.
                         # The reconcile below puts it back if Redis says they are a member.
                         self.unsubscribe_room(sub, room)
+                    elif room in sub.topics:
+                        # Subscribed already (the session's own join, create or dm): nothing to
+                        # check. A later leave or kick comes as its own "removed" event.
+                        continue
                     self.jobs.spawn(self.reconcile_room(sub, UserId(topic.name), room, start), "membership")
         self.jobs.spawn(self.personal.mark_delivered(topic.name, entries[-1][0]), "personal-delivered")
 

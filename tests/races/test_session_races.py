@@ -210,3 +210,27 @@ async def test_a_lingering_topic_is_no_longer_read_when_its_linger_ends(inproc):
     await ws.close()
     await until(lambda: node.fanout.get(key) is None)
     assert node.fanout.lingering() == 0 and key not in reader.topics
+
+
+async def test_presence_transitions_of_one_window_share_one_entry_per_shard(inproc, redis_client):
+    """Transitions a node announces within PRESENCE_BATCH_S go out as one ``presences`` entry
+    per shard (every node's reader of the shard wakes once for all of them), and each reaches
+    the room's members as its own presence event."""
+    node = await inproc()
+    watcher = await raw_connect(ws_url(node))
+    await hello(watcher, "wes")
+    eph = node.keys.shard_ephemeral(node.keys.room_shard("general"))
+    await asyncio.gather(*(node.ephemeral.presence(["general"], user, user.upper(), "online")
+                           for user in ("xia", "yul", "zed")))
+    ours = [f for _, f in await redis_client.xrange(eph) if f.get(b"u") != b"wes"]  # (wes's own may come)
+    assert [f[b"k"] for f in ours] == [b"presences"]
+    seen = []
+    while len(seen) < 3:
+        event = await next_of(watcher, "presence")
+        if event["user"]["id"] != "wes":
+            seen.append((event["room"], event["user"], event["status"]))
+    assert seen == [("general", {"id": u, "name": u.upper()}, "online") for u in ("xia", "yul", "zed")]
+    await node.ephemeral.presence(["general"], "ann", "Ann", "offline")  # alone: a plain entry
+    assert [f for _, f in await redis_client.xrange(eph) if f.get(b"u") == b"ann"] == [
+        {b"k": b"presence", b"r": b"general", b"u": b"ann", b"n": b"Ann", b"s": b"offline"}]
+    await watcher.close()
