@@ -320,6 +320,15 @@ class Rooms:
             raw = await self.redis.smembers(self.keys.room_members(room))
         return sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
 
+    async def members_of_rooms(self, rooms: list[str]) -> dict[str, list[str]]:
+        """The members of each room (one pipeline)."""
+        with unavailable_on_redis_errors("members"):
+            pipe = self.redis.pipeline(transaction=False)
+            for room in rooms:
+                pipe.smembers(self.keys.room_members(room))
+            results = await pipe.execute()
+        return {room: [as_str(m) for m in raw] for room, raw in zip(rooms, results, strict=True)}
+
     async def member_counts(self, rooms: list[str], max_age_s: float = 0.0) -> dict[str, int]:
         """Member count of each room, read from Redis. With ``max_age_s`` a count this node read
         at most that long ago is taken instead (for advisory uses: which rooms are small enough

@@ -234,3 +234,27 @@ async def test_presence_transitions_of_one_window_share_one_entry_per_shard(inpr
     assert [f for _, f in await redis_client.xrange(eph) if f.get(b"u") == b"ann"] == [
         {b"k": b"presence", b"r": b"general", b"u": b"ann", b"n": b"Ann", b"s": b"offline"}]
     await watcher.close()
+
+
+async def test_a_hellos_online_counts_cost_two_reads_whatever_its_rooms(inproc):
+    """The online counts of a hello's small rooms are computed together: one read of their
+    member sets, one of those members' presence (not two reads per room), and they are right."""
+    node = await inproc()
+    rooms = [(await command(node, "own", {"type": "create_room", "name": f"c{i}", "visibility": "closed",
+                                          "members": ["uma", "vic"]}))["room"]["id"] for i in range(4)]
+    vic = await raw_connect(ws_url(node))
+    await hello(vic, "vic")
+    calls: list[str] = []
+    for name in ("members", "members_of_rooms"):
+        def spy(*args: Any, name: str = name, original: Any = getattr(node.rooms, name)) -> Any:
+            calls.append(name)
+            return original(*args)
+        setattr(node.rooms, name, spy)
+    node.summaries._online_cache.clear()
+    uma = await raw_connect(ws_url(node))
+    welcome = await hello(uma, "uma")
+    assert calls == ["members_of_rooms"]
+    online = {r["id"]: r["online"] for r in welcome["rooms"]}
+    assert [online[room] for room in rooms] == [2, 2, 2, 2]  # uma and vic; the owner is not here
+    await uma.close()
+    await vic.close()
