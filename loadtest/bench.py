@@ -25,6 +25,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -85,7 +86,7 @@ import psutil  # noqa: E402
 from loadtest import stats  # noqa: E402
 from loadtest.publisher import publisher_main  # noqa: E402
 from loadtest.stats import commandstats, redis_info  # noqa: E402,F401
-from loadtest.targets import TARGETS  # noqa: E402
+from loadtest.targets import TARGETS, _env_items  # noqa: E402
 from loadtest.wsclient import WorkerPool, raise_nofile, worker_main  # noqa: E402
 from node.embedded import Proc, start_redis  # noqa: E402
 
@@ -109,12 +110,29 @@ class Workers(WorkerPool):
         super().__init__(n, worker_main, "bench-clients")
 
     def connect(self, target: str, port: int, users: list[str], concurrency: int,
-                dialect: str = "ws-json", rooms: list[list[str]] | None = None) -> dict[str, Any]:
+                dialect: str = "ws-json", rooms: list[list[str]] | None = None,
+                **options: Any) -> dict[str, Any]:
+        self.connect_start(target, port, users, concurrency, dialect, rooms, **options)
+        return self.connect_collect(self.collect())
+
+    def connect_start(self, target: str, port: int, users: list[str], concurrency: int,
+                      dialect: str = "ws-json", rooms: list[list[str]] | None = None,
+                      local_addrs: list[str] | None = None, rate: float | None = None,
+                      attempts: int = 3) -> None:
+        """Send the connect commands without waiting (``rate``: connects/s of all workers
+        together); :meth:`connect_collect` the replies once :meth:`ready`."""
         n = len(self.pipes)
-        msgs = [{"op": "connect", "target": target, "host": "127.0.0.1", "port": port,
-                 "users": users[i::n], "concurrency": concurrency, "dialect": dialect,
-                 "rooms": rooms[i::n] if rooms is not None else None} for i in range(n)]
-        replies = self.call_all(msgs)
+        self.send([{"op": "connect", "target": target, "host": "127.0.0.1", "port": port,
+                    "users": users[i::n], "concurrency": concurrency, "dialect": dialect,
+                    "rooms": rooms[i::n] if rooms is not None else None,
+                    "local_addrs": local_addrs, "rate": rate / n if rate else None,
+                    "attempts": attempts} for i in range(n)])
+
+    def ready(self) -> bool:
+        return all(pipe.poll() for pipe in self.pipes)
+
+    @staticmethod
+    def connect_collect(replies: list[dict[str, Any]]) -> dict[str, Any]:
         errors: dict[str, int] = {}
         for r in replies:
             for k, v in r["errors"].items():
@@ -363,6 +381,15 @@ def _merge_counts(items: Any) -> dict[str, int]:
 # -- idle-connection memory scenario ------------------------------------------------------------
 
 class Idle:
+    """Idle connections on one server process: memory per connection, connect rate, and what
+    they cost while idle (node CPU, Redis commands, event-loop lag), plus one probe client that
+    connects and round-trips a message in the middle of the idle window.
+
+    Past ~28,000 connections one client address runs out of ephemeral ports: ``--source-addrs``
+    spreads the clients over 127.0.0.2..127.0.0.(N+1) (default: one address per 20,000
+    connections), and ``--nofile`` raises RLIMIT_NOFILE of the harness (root), which the node,
+    Redis and the client processes inherit."""
+
     name = "idle"
 
     def __init__(self, args: argparse.Namespace, cluster: Cluster, workers: Workers) -> None:
@@ -373,43 +400,365 @@ class Idle:
     def setup(self) -> None:
         pass
 
+    def source_addrs(self) -> list[str] | None:
+        n = idle_source_addrs(self.args)
+        return [f"127.0.0.{2 + i}" for i in range(n)] if n else None
+
     def run(self) -> dict[str, Any]:
         a = self.args
         results = []
+        addrs = self.source_addrs()
+        redis_port = self.cluster.redis_port
         for target, server in self.cluster.servers.items():
             proc = psutil.Process(server.pid)
             port = int(server.info["ws_port"])
+            http_port = int(server.info.get("http_port") or 0)
+            metrics = NodeMetrics(http_port) if http_port else None
             warm = [f"w{target}{i}" for i in range(a.warm_connections)]
-            res = self.workers.connect(target + "-warm", port, warm, a.concurrency)
+            res = self.workers.connect(target + "-warm", port, warm, a.concurrency,
+                                       local_addrs=addrs, attempts=a.attempts)
             time.sleep(a.settle)
             rss0 = proc.memory_info().rss
+            redis_mem0 = int(redis_info(redis_port, "memory")["used_memory"])
             users = [f"i{target}{i}" for i in range(a.connections)]
+            ramp: list[dict[str, Any]] = []
+            cmd_r0 = commandstats(redis_port)
+            wall_ramp0 = time.time()
             t = time.monotonic()
-            res = self.workers.connect(target, port, users, a.concurrency)
+            cpu_ramp = stats.CpuSampler({"node": [server.pid], "redis": [self.cluster.redis.pid],
+                                         "clients": self.workers.pids})
+            cpu_ramp.start()
+            self.workers.connect_start(target, port, users, a.concurrency, local_addrs=addrs,
+                                       rate=a.ramp_rate or None, attempts=a.attempts)
+            next_sample = t
+            while not self.workers.ready():
+                if time.monotonic() >= next_sample:
+                    next_sample += a.ramp_sample_s
+                    sample = {"t_s": round(time.monotonic() - t, 1),
+                              "rss_mib": round(proc.memory_info().rss / 2**20, 1)}
+                    if metrics is not None:
+                        sample.update(metrics.scrape_summary())
+                        sample.update(online_in_redis(redis_port, self.cluster.shards))
+                    ramp.append(sample)
+                    log(f"{target} ramp: {sample}")
+                time.sleep(0.2)
+            res = self.workers.connect_collect(self.workers.collect())
             connect_s = time.monotonic() - t
+            wall_ramp1 = time.time()
+            cpu_r = cpu_ramp.stop()
+            cmd_r1 = commandstats(redis_port)
+            log(f"{target}: {res['ok']} connected in {connect_s:.1f}s ({res['ok'] / connect_s:.0f}/s)"
+                + (f", {res['failed']} failed" if res["failed"] else "")
+                + (f", retried after: {res['errors']}" if res["errors"] else ""))
             time.sleep(a.settle)
             rss1 = proc.memory_info().rss
-            cpu0 = sum(proc.cpu_times()[:2])
-            time.sleep(a.idle_seconds)
-            cpu1 = sum(proc.cpu_times()[:2])
+            # -- the idle window: CPU, Redis commands, loop lag, and a probe client midway --
+            cmd0 = commandstats(redis_port)
+            hb0 = metrics.scrape().get("chatcluster_presence_heartbeats_total") if metrics else None
+            sampler = stats.CpuSampler({"node": [server.pid], "redis": [self.cluster.redis.pid],
+                                        "clients": self.workers.pids})
+            lag_samples: list[dict[str, float]] = []
+            stop_scraper = threading.Event()
+
+            w0 = time.monotonic()
+            wall_w0 = time.time()
+            sampler.start()
+            scrape_thread = threading.Thread(
+                target=metrics.sample_lag, args=(a.metrics_interval, stop_scraper, lag_samples,
+                                                 lambda: online_in_redis(redis_port, self.cluster.shards)),
+                daemon=True) if metrics else None
+            if scrape_thread is not None:
+                scrape_thread.start()
+            probe: dict[str, Any] | None = None
+            if a.probe and TARGETS[target].dialect == "ws-json":
+                time.sleep(max(0.0, a.idle_seconds / 2 - 2))
+                probe = asyncio.run(probe_client(port, a.probe_sends))
+                log(f"{target} probe: {probe}")
+            time.sleep(max(0.0, w0 + a.idle_seconds - time.monotonic()))
+            cpu = sampler.stop()
+            window = time.monotonic() - w0
+            wall_w1 = time.time()
+            stop_scraper.set()
+            if scrape_thread is not None:
+                scrape_thread.join(10)
+            cmd1 = commandstats(redis_port)
+            hb1 = metrics.scrape().get("chatcluster_presence_heartbeats_total") if metrics else None
             rss2 = proc.memory_info().rss
             full = proc.memory_full_info()
+            redis_mem1 = int(redis_info(redis_port, "memory")["used_memory"])
+            delta = {k: cmd1.get(k, 0) - cmd0.get(k, 0) for k in cmd1 if not k.startswith("usec:")}
+            delta = {k: v for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0}
+            usec = sum(cmd1.get(k, 0) - cmd0.get(k, 0) for k in cmd1 if k.startswith("usec:"))
+            n_ok = max(1, res["ok"])
             r = {
                 "target": target, "connections": res["ok"], "failed": res["failed"],
+                "connect_errors": res["errors"], "source_addrs": addrs,
                 "connect_s": connect_s, "connects_per_s": res["ok"] / connect_s,
-                "rss_before_mib": rss0 / 2**20, "rss_after_mib": rss2 / 2**20,
-                "kib_per_connection": (rss2 - rss0) / 1024 / max(1, res["ok"]),
-                "kib_per_connection_at_connect": (rss1 - rss0) / 1024 / max(1, res["ok"]),
+                "ramp_cpu_s": {k: round(v, 1) for k, v in cpu_r.items()},
+                "node_cpu_ms_per_connect": cpu_r["node"] / n_ok * 1e3,
+                "rss_before_mib": rss0 / 2**20, "rss_at_connect_mib": rss1 / 2**20,
+                "rss_after_mib": rss2 / 2**20,
+                "kib_per_connection": (rss2 - rss0) / 1024 / n_ok,
+                "kib_per_connection_at_connect": (rss1 - rss0) / 1024 / n_ok,
                 "uss_after_mib": full.uss / 2**20,
-                "idle_cpu_util": (cpu1 - cpu0) / a.idle_seconds,
+                "node_fds": proc.num_fds(),
+                "node_rlimit_nofile": list(proc.rlimit(psutil.RLIMIT_NOFILE)),
+                "idle_window_s": window,
+                "idle_cpu_util": cpu["node"] / window,
+                "idle_node_sys_share": cpu["node_sys"] / cpu["node"] if cpu["node"] else 0.0,
+                "idle_redis_cpu_util": cpu["redis"] / window,
+                "idle_clients_cpu_util": cpu["clients"] / window,
+                "idle_machine_busy_util": cpu["machine_busy"] / window,
+                "redis_commands_per_s": sum(delta.values()) / window,
+                "redis_commands": delta,
+                "redis_command_usec_per_s": usec / window,
+                "redis_used_memory_mib": redis_mem1 / 2**20,
+                "redis_bytes_per_session": (redis_mem1 - redis_mem0) / n_ok,
+                "heartbeats_in_window": (hb1 - hb0) if hb0 is not None and hb1 is not None else None,
+                "loop_lag_ms": lag_samples,
+                "loop_lag_ms_max": max((x["lag_ms"] for x in lag_samples), default=None),
+                "loop_lag_ms_median": (sorted(x["lag_ms"] for x in lag_samples)[len(lag_samples) // 2]
+                                       if lag_samples else None),
+                "metrics_scrape_ms_max": max((x["scrape_ms"] for x in lag_samples), default=None),
+                "ping_interval_s": float(_node_env().get("CHAT_PING_INTERVAL_S", 20.0)),
+                "presence_ttl_s": float(_node_env().get("CHAT_PRESENCE_TTL", 30.0)),
+                "probe": probe, "ramp": ramp,
+                "ramp_redis": _ramp_redis(cmd_r0, cmd_r1, n_ok),
             }
+            if a.gc_log:
+                pauses = gc_pauses(os.path.join(self.cluster.logdir, f"{target}.log"))
+                r["gc_ramp"] = _gc_summary([p for p in pauses if wall_ramp0 <= p["t"] < wall_ramp1])
+                r["gc_idle_window"] = _gc_summary([p for p in pauses if wall_w0 <= p["t"] < wall_w1])
+                log(f"{target}: GC pauses in the ramp {r['gc_ramp']['by_generation']}, in the idle "
+                    f"window {r['gc_idle_window']['pauses']}")
             results.append(r)
             log(f"{target}: {r['connections']} idle connections, "
                 f"{r['kib_per_connection']:.1f} KiB each (RSS {r['rss_before_mib']:.0f} -> "
-                f"{r['rss_after_mib']:.0f} MiB), connect {r['connects_per_s']:.0f}/s")
+                f"{r['rss_after_mib']:.0f} MiB), connect {r['connects_per_s']:.0f}/s, idle CPU "
+                f"{r['idle_cpu_util']:.1%}, Redis {r['redis_commands_per_s']:.0f} cmds/s, "
+                f"loop lag max {r['loop_lag_ms_max']} ms")
+            if a.hold:
+                log(f"{target}: holding the connections {a.hold:.0f}s more (node pid {server.pid})")
+                time.sleep(a.hold)
             self.workers.call_all({"op": "disconnect", "target": target})
             self.workers.call_all({"op": "disconnect", "target": target + "-warm"})
         return {"scenario": "idle", "results": results}
+
+
+def idle_source_addrs(args: argparse.Namespace) -> int:
+    """Client source addresses of the idle scenario: ``--source-addrs``, or (-1) one per 20,000
+    connections when there are more than 20,000 (one address has ~28,000 ephemeral ports)."""
+    if args.source_addrs >= 0:
+        return int(args.source_addrs)
+    total = args.connections + args.warm_connections + 10
+    return 0 if total <= 20000 else -(-total // 20000)
+
+
+def _ramp_redis(before: dict[str, int], after: dict[str, int], connects: int) -> dict[str, Any]:
+    """Redis commands of the ramp: per connect, and the shard readers' share (every hello's
+    personal stream makes its reader re-arm XREAD with every personal stream of its shard)."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    calls = {k: v for k, v in delta.items() if not k.startswith("usec:") and v > 0}
+    return {"commands_per_connect": sum(calls.values()) / connects,
+            "xread_calls": calls.get("xread", 0),
+            "xread_usec_per_call": delta.get("usec:xread", 0) / max(1, calls.get("xread", 0)),
+            "client_unblock_calls": calls.get("client|unblock", 0),
+            "redis_usec_per_connect": sum(v for k, v in delta.items() if k.startswith("usec:")) / connects,
+            "xread_usec_share": delta.get("usec:xread", 0) / max(1, sum(
+                v for k, v in delta.items() if k.startswith("usec:")))}
+
+
+# Loaded into the node by the interpreter (``sitecustomize`` on its PYTHONPATH) with --gc-log:
+# the node's code is untouched.
+GC_LOG_SITECUSTOMIZE = '''"""Benchmark only: log full (generation 2) collections and any collection over 50 ms."""
+import gc
+import sys
+import time
+
+_start = [0.0]
+
+
+def _gc_pause_log(phase, info):
+    if phase == "start":
+        _start[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _start[0]) * 1e3
+    if info["generation"] == 2 or ms > 50:
+        sys.stderr.write("GCPAUSE gen=%d ms=%.1f collected=%d t=%.3f\\n"
+                         % (info["generation"], ms, info["collected"], time.time()))
+        sys.stderr.flush()
+
+
+gc.callbacks.append(_gc_pause_log)
+'''
+
+
+def gc_pauses(log_path: str) -> list[dict[str, Any]]:
+    import re
+
+    out = []
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = re.match(r"GCPAUSE gen=(\d) ms=([\d.]+) collected=(\d+) t=([\d.]+)", line)
+            if m:
+                out.append({"gen": int(m[1]), "ms": float(m[2]), "collected": int(m[3]),
+                            "t": float(m[4])})
+    return out
+
+
+def _gc_summary(pauses: list[dict[str, Any]]) -> dict[str, Any]:
+    by_gen: dict[str, dict[str, float]] = {}
+    for p in pauses:
+        g = by_gen.setdefault(f"gen{p['gen']}", {"n": 0, "max_ms": 0.0, "total_ms": 0.0})
+        g["n"] += 1
+        g["max_ms"] = max(g["max_ms"], p["ms"])
+        g["total_ms"] = round(g["total_ms"] + p["ms"], 1)
+    return {"logged": "full collections and any collection over 50 ms", "by_generation": by_gen,
+            "pauses": [{"gen": p["gen"], "ms": p["ms"]} for p in pauses if p["ms"] > 100]}
+
+
+def online_in_redis(redis_port: int, shards: int) -> dict[str, int]:
+    """Users Redis holds as online (expiry in the future) and entries of the online indexes
+    (expired ones included until the sweeper removes them), over every user shard."""
+    from node.keys import Keys
+
+    keys = Keys(shards)
+    now = int(time.time() * 1000)
+    online = entries = 0
+    for shard in range(shards):
+        key = keys.online_index(shard)
+        online += int(stats.redis_call(redis_port, "ZCOUNT", key, now, "+inf"))
+        entries += int(stats.redis_call(redis_port, "ZCARD", key))
+    return {"online_in_redis": online, "online_index_entries": entries}
+
+
+def _node_env() -> dict[str, str]:
+    return _env_items(os.environ.get("CHATCLUSTER_BENCH_NODE_ENV", ""))
+
+
+class NodeMetrics:
+    """The node's /metrics, scraped over HTTP (Prometheus text format, unlabelled sums)."""
+
+    def __init__(self, http_port: int) -> None:
+        self.url = f"http://127.0.0.1:{http_port}/metrics"
+
+    def scrape(self) -> dict[str, float]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url, timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            labels = ""
+            name = name_labels
+            if "{" in name_labels:
+                name, _, labels = name_labels.partition("{")
+            try:
+                v = float(value)
+            except ValueError:
+                continue
+            out[name] = out.get(name, 0.0) + v
+            if name == "chatcluster_handshakes_rejected_total":
+                out[f"{name}{{{labels}"] = v
+        return out
+
+    def sample_lag(self, interval: float, stop: threading.Event, out: list[dict[str, float]],
+                   extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Until ``stop``: every ``interval`` s, the loop-lag gauge, how long the scrape took,
+        the presence heartbeats written so far, and ``extra()``."""
+        t_start = time.monotonic()
+        while not stop.wait(interval):
+            t0 = time.perf_counter()
+            try:
+                m = self.scrape()
+            except OSError:
+                continue
+            out.append({"t_s": round(time.monotonic() - t_start, 1),
+                        "lag_ms": m.get("chatcluster_event_loop_lag_seconds", 0) * 1e3,
+                        "scrape_ms": (time.perf_counter() - t0) * 1e3,
+                        "heartbeats_total": m.get("chatcluster_presence_heartbeats_total", 0),
+                        **(extra() if extra else {})})
+
+    def scrape_summary(self) -> dict[str, Any]:
+        try:
+            m = self.scrape()
+        except OSError as exc:
+            return {"scrape_error": str(exc)[:80]}
+        return {"open": int(m.get("chatcluster_connections_open", 0)),
+                "heartbeats_total": int(m.get("chatcluster_presence_heartbeats_total", 0)),
+                "loop_lag_ms": round(m.get("chatcluster_event_loop_lag_seconds", 0) * 1e3, 1),
+                "hellos_in_progress": int(m.get("chatcluster_hellos_in_progress", 0)),
+                "rejected": int(m.get("chatcluster_handshakes_rejected_total", 0))}
+
+
+async def probe_client(port: int, sends: int) -> dict[str, Any]:
+    """One extra client on a node full of idle connections: connect, hello, create a room, then
+    ``sends`` messages one at a time, each timed to its ack (reply) and to its own echo."""
+    import orjson
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    out: dict[str, Any] = {"refused": []}
+    t0 = time.perf_counter()
+    try:
+        for _attempt in range(5):  # as a client would: a 503 is retried after its Retry-After
+            t0 = time.perf_counter()  # latencies are of the attempt that got in
+            try:
+                ws = await connect(f"ws://127.0.0.1:{port}/ws", compression=None,
+                                   open_timeout=30, ping_interval=None)
+                break
+            except InvalidStatus as exc:
+                retry_after = int(exc.response.headers.get("Retry-After", "1"))
+                out["refused"].append({"status": exc.response.status_code,
+                                       "after_ms": round((time.perf_counter() - t0) * 1e3, 1),
+                                       "retry_after_s": retry_after})
+                await asyncio.sleep(retry_after)
+        else:
+            raise RuntimeError("refused 5 times")
+        async with ws:
+            out["upgrade_ms"] = (time.perf_counter() - t0) * 1e3
+            await ws.send(orjson.dumps({"type": "hello", "user": "idle-probe"}).decode())
+            while orjson.loads(await ws.recv())["type"] != "welcome":
+                pass
+            out["welcome_ms"] = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            await ws.send(orjson.dumps({"type": "create_room", "name": "idle-probe",
+                                        "visibility": "open", "ref": "c"}).decode())
+            while True:
+                frame = orjson.loads(await ws.recv())
+                if frame.get("ref") == "c":
+                    room = frame["data"]["room"]["id"]
+                    break
+            out["create_room_ms"] = (time.perf_counter() - t1) * 1e3
+            acks: list[float] = []
+            echoes: list[float] = []
+            for i in range(sends):
+                text = f"probe {i}"
+                ts = time.perf_counter()
+                await ws.send(orjson.dumps({"type": "send", "room": room, "text": text,
+                                            "ref": i}).decode())
+                got_ack = got_echo = False
+                while not (got_ack and got_echo):
+                    frame = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if frame.get("type") == "reply" and frame.get("ref") == i:
+                        assert frame.get("ok"), frame
+                        acks.append((time.perf_counter() - ts) * 1e3)
+                        got_ack = True
+                    elif frame.get("type") == "message" and frame.get("text") == text:
+                        echoes.append((time.perf_counter() - ts) * 1e3)
+                        got_echo = True
+                await asyncio.sleep(0.2)
+            out.update({"sends": sends, "ack_ms": [round(x, 2) for x in acks],
+                        "echo_ms": [round(x, 2) for x in echoes],
+                        "echo_ms_median": sorted(echoes)[len(echoes) // 2] if echoes else None,
+                        "echo_ms_max": max(echoes, default=None),
+                        "ack_ms_median": sorted(acks)[len(acks) // 2] if acks else None})
+    except Exception as exc:  # reported, not fatal: the figures of the window still stand
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
 
 
 # -- scaling: Redis work per message as nodes are added --------------------------------------------
@@ -576,6 +925,35 @@ def _idle_arguments(i: argparse.ArgumentParser) -> None:
                    help="connected before the baseline RSS is taken")
     i.add_argument("--settle", type=float, default=3.0)
     i.add_argument("--idle-seconds", type=float, default=5.0)
+    i.add_argument("--source-addrs", type=int, default=-1,
+                   help="spread client sockets over 127.0.0.2..127.0.0.(N+1), each with its own "
+                        "ephemeral ports (default -1: one per 20,000 connections above 20,000; "
+                        "0: the kernel's choice, 127.0.0.1)")
+    i.add_argument("--nofile", type=int, default=0,
+                   help="RLIMIT_NOFILE for the harness, node and clients (root; default: enough "
+                        "for --connections, capped at /proc/sys/fs/nr_open)")
+    i.add_argument("--ramp-rate", type=float, default=0.0,
+                   help="most connects/s of all client processes together (0: as fast as "
+                        "--concurrency handshakes per process allow)")
+    i.add_argument("--attempts", type=int, default=3,
+                   help="tries per connection (a 503's Retry-After is honoured between them)")
+    i.add_argument("--ramp-sample-s", type=float, default=10.0,
+                   help="node RSS and /metrics sampled this often during the ramp")
+    i.add_argument("--metrics-interval", type=float, default=5.0,
+                   help="/metrics (loop lag) scraped this often in the idle window")
+    i.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="midway through the idle window one extra client connects, creates a "
+                        "room and round-trips messages (latency)")
+    i.add_argument("--probe-sends", type=int, default=10)
+    i.add_argument("--gc-log", action="store_true",
+                   help="log the node's garbage-collection pauses (full collections and any over "
+                        "50 ms, through a sitecustomize on its PYTHONPATH) and report them")
+    i.add_argument("--hold", type=float, default=0.0,
+                   help="keep the connections this many seconds after the idle window (to "
+                        "profile the node from outside, e.g. py-spy)")
+    i.add_argument("--node-env", default="",
+                   help="extra K=V,K=V settings of the 'ours' node (CHAT_MAX_CONNECTIONS is "
+                        "raised to fit --connections by default)")
     i.set_defaults(target="ours,naive", workers=4)
 
 
@@ -680,9 +1058,37 @@ def run_scenario(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "wall_s": round(time.time() - started, 1), **result}
 
 
+def _prepare_idle(args: argparse.Namespace) -> None:
+    """Idle scenario: file descriptors for the run (inherited by the node, Redis and the client
+    processes) and node settings that let that many connections in."""
+    total = args.connections + args.warm_connections
+    want = args.nofile or (total + 10000 if total + 10000 > 20000 else 0)
+    if want:
+        got = raise_nofile(want)
+        log(f"RLIMIT_NOFILE {got}")
+        if got < want:
+            # Raising the hard limit needs CAP_SYS_RESOURCE, which a container may not grant
+            # even to root: the node then holds at most ~got - 300 sockets (Redis pool, listeners).
+            log(f"WARNING: RLIMIT_NOFILE could not be raised to {want} (hard limit {got}; no "
+                f"CAP_SYS_RESOURCE?): the node process can hold at most ~{got - 300} connections")
+    env = _node_env()
+    for item in filter(None, args.node_env.split(",")):
+        k, _, v = item.partition("=")
+        env[k.strip()] = v.strip()
+    if args.gc_log:
+        gcdir = tempfile.mkdtemp(prefix="chatcluster-gclog-")
+        Path(gcdir, "sitecustomize.py").write_text(GC_LOG_SITECUSTOMIZE)
+        env["PYTHONPATH"] = gcdir
+    if total + 100 > 50000:  # the node's default CHAT_MAX_CONNECTIONS
+        env.setdefault("CHAT_MAX_CONNECTIONS", str(total + 1000))
+    os.environ["CHATCLUSTER_BENCH_NODE_ENV"] = ",".join(f"{k}={v}" for k, v in env.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_nofile()
+    if args.scenario == "idle":
+        _prepare_idle(args)
     if args.patched_src:
         os.environ["CHATCLUSTER_BENCH_PATCHED_SRC"] = os.path.abspath(args.patched_src)
     os.environ["CHATCLUSTER_BENCH_PATCHED_ENV"] = args.patched_env

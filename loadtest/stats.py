@@ -183,11 +183,16 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"| {r['read_command_usec_per_msg']:.1f} | {r['redis_cpu_us_per_msg']:.1f} | {top} |")
     elif doc["scenario"] == "idle":
         lines += ["| target | connections | node RSS before MiB | after MiB | KiB per connection "
-                  "| connects/s | idle node CPU |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| connects/s | idle node CPU | Redis cmds/s idle | loop lag max ms "
+                  "| probe echo ms (median / max) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in doc["results"]:
+            probe = r.get("probe") or {}
             lines.append(f"| {r['target']} | {r['connections']:,} | {r['rss_before_mib']:.1f} "
                          f"| {r['rss_after_mib']:.1f} | {r['kib_per_connection']:.1f} "
-                         f"| {r['connects_per_s']:,.0f} | {r['idle_cpu_util']:.1%} |")
+                         f"| {r['connects_per_s']:,.0f} | {r['idle_cpu_util']:.1%} "
+                         f"| {_f(r.get('redis_commands_per_s'), 0)} | {_f(r.get('loop_lag_ms_max'), 1)} "
+                         f"| {_f(probe.get('echo_ms_median'), 2)} / {_f(probe.get('echo_ms_max'), 2)} |")
     return "\n".join(lines)
 
 

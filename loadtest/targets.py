@@ -66,7 +66,17 @@ def _ours_env(redis_url: str, shards: int) -> dict[str, str]:
         "CHAT_SHARDS": str(shards), "CHAT_LOG_LEVEL": "WARNING",
         # Every bench client comes from 127.0.0.1: lift the per-IP connection cap.
         "CHAT_MAX_CONNECTIONS_PER_IP": "0",
+        # Extra settings of a scenario (K=V,K=V), e.g. the idle scenario's CHAT_MAX_CONNECTIONS.
+        **_env_items(os.environ.get("CHATCLUSTER_BENCH_NODE_ENV", "")),
     }
+
+
+def _env_items(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, spec.split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def _start_ours(redis_url: str, shards: int, log_path: str | None) -> Proc:

@@ -33,10 +33,22 @@ import orjson
 MAGIC_PREFIX = "~b"  # benchmark texts start with "~b<scheduled µs> "
 
 
-def raise_nofile() -> None:
+def raise_nofile(want: int | None = None) -> int:
+    """Raise this process's RLIMIT_NOFILE: the soft limit to the hard one, or, with ``want``,
+    both to ``want`` (capped at ``/proc/sys/fs/nr_open``; raising the hard limit needs root).
+    Children started afterwards (client workers, servers) inherit it. Returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want is not None and want > hard:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = min(want, int(f.read()))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (OSError, ValueError):
+            pass  # no CAP_SYS_RESOURCE (a container may deny it even to root): the hard limit
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def mask_frame(opcode: int, payload: bytes) -> bytes:
@@ -124,7 +136,12 @@ class Client(asyncio.Protocol):
             if b" 101 " not in status + b" ":
                 self.state = 2
                 if not self.connected.done():
-                    self.connected.set_exception(ConnectionError(status.decode(errors="replace")))
+                    exc = ConnectionError(status.decode(errors="replace"))
+                    for line in data[:end].split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"retry-after" and value.strip().isdigit():
+                            exc.retry_after = int(value.strip())  # type: ignore[attr-defined]
+                    self.connected.set_exception(exc)
                 self.transport.close()
                 return
             self.state = 1
@@ -284,33 +301,49 @@ class Worker:
 
     async def connect(self, target: str, host: str, port: int, users: list[str],
                       concurrency: int, dialect: str = "ws-json",
-                      rooms: list[list[str]] | None = None) -> dict[str, Any]:
+                      rooms: list[list[str]] | None = None, local_addrs: list[str] | None = None,
+                      rate: float | None = None, attempts: int = 3) -> dict[str, Any]:
+        """Connect ``users`` (``concurrency`` handshakes at a time). ``local_addrs``: client
+        source addresses, used round-robin (each has its own ephemeral-port range, so one
+        process can hold more than ~28,000 connections to one server port); ``rate``: at most
+        this many connection starts per second; ``attempts``: tries per user (a refused
+        upgrade with a Retry-After waits that long before the next)."""
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         clients = self.clients.setdefault(target, [])
         failed = 0
         errors: dict[str, int] = {}
+        t_start = loop.time()
 
         def factory(user: str, fut: asyncio.Future[Client], index: int) -> Client:
             if dialect == "sio":
                 return SioClient(self.stats, user, fut, rooms[index] if rooms else [])
             return Client(self.stats, user, fut)
 
+        local = [(addr, 0) for addr in local_addrs] if local_addrs else None
+
         async def one(index: int, user: str) -> None:
             nonlocal failed
+            if rate:
+                delay = t_start + index / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             async with sem:
-                for attempt in range(3):
+                for attempt in range(attempts):
                     fut: asyncio.Future[Client] = loop.create_future()
                     try:
                         await loop.create_connection(
-                            lambda fut=fut: factory(user, fut, index), host, port)
+                            lambda fut=fut: factory(user, fut, index), host, port,
+                            local_addr=local[index % len(local)] if local else None)
                         client = await asyncio.wait_for(fut, 30)
                         clients.append(client)
                         return
                     except (OSError, ConnectionError, TimeoutError) as exc:
                         key = type(exc).__name__ + ": " + str(exc)[:80]
                         errors[key] = errors.get(key, 0) + 1
-                        await asyncio.sleep(0.2 * (attempt + 1))
+                        retry_after = getattr(exc, "retry_after", None)
+                        await asyncio.sleep(retry_after if retry_after is not None
+                                            else 0.2 * (attempt + 1))
                 failed += 1
 
         await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
@@ -380,7 +413,8 @@ async def _serve_pipe(conn: Any) -> None:
         if op == "connect":
             reply = await worker.connect(msg["target"], msg["host"], msg["port"], msg["users"],
                                          msg.get("concurrency", 100), msg.get("dialect", "ws-json"),
-                                         msg.get("rooms"))
+                                         msg.get("rooms"), msg.get("local_addrs"), msg.get("rate"),
+                                         msg.get("attempts", 3))
         elif op == "phase":
             worker.stats.reset(*msg["window"])
             reply = {"ok": True}
