@@ -31,7 +31,7 @@ from .redisio import concurrently
 from .resume import plan_replay
 from .rooms import Rooms, rooms_in_order
 from .streams import RoomMeta, RoomStreams
-from .summaries import RoomSummaries
+from .summaries import KnownFacts, RoomSummaries
 
 MAX_CURSORS = 1000
 
@@ -92,6 +92,18 @@ class SessionOpener:
             metas[GENERAL] = await self.streams.meta(GENERAL)
         return {room: meta for room, meta in metas.items() if meta is not None}
 
+    async def room_facts(self, rooms: list[RoomId], user: UserId) -> tuple[dict[str, RoomMeta], KnownFacts]:
+        """Metadata of the user's rooms (recreating ``general`` if Redis lost it), with what the
+        welcome's summaries need of them: one read."""
+        facts = await self.streams.room_facts(list(rooms), user)
+        if (general := facts.get(GENERAL)) is None or general.meta is None:
+            await self.rooms.ensure_general()
+            facts.update(await self.streams.room_facts([GENERAL], user))
+        metas = {room: f.meta for room, f in facts.items() if f.meta is not None}
+        known = KnownFacts({room: f.members for room, f in facts.items() if room != GENERAL and f.meta is not None},
+                           {room: f.stored_role or None for room, f in facts.items() if f.meta is not None})
+        return metas, known
+
     async def open(self, identity: Identity, raw_cursors: Any, raw_personal: Any, session_id: str,
                    live: Live | None) -> Opened:
         settings = self.settings
@@ -103,7 +115,7 @@ class SessionOpener:
         # the user's stream past that id, read the rooms again, after it.
         rooms = rooms_in_order(member_of) if stream_id_tuple(p0) <= stream_id_tuple(last_pid) \
             else await self.rooms.user_rooms(user)
-        metas = await self.room_metas(rooms)
+        metas, known = await self.room_facts(rooms, user)
         await self.pauses.point("session.rooms_read")
         if live is not None and live.closed:
             return Opened({}, closed=True)
@@ -132,7 +144,7 @@ class SessionOpener:
                 {room: (cursor_id, positions[room]) for room, (cursor_epoch, cursor_id) in cursors.items()
                  if cursor_epoch == metas[room].epoch and cursor_id != positions[room]},
                 settings.replay_limit),
-            self.summaries.summaries(user, metas, positions, seqs),
+            self.summaries.summaries(user, metas, positions, seqs, known),
             self._personal_replay(user, raw_personal, epoch, pdel, p0))
         for room, (cursor_epoch, cursor_id) in cursors.items():
             meta = metas[room]

@@ -329,6 +329,14 @@ class Rooms:
             results = await pipe.execute()
         return {room: [as_str(m) for m in raw] for room, raw in zip(rooms, results, strict=True)}
 
+    def remember_counts(self, counts: dict[str, int]) -> None:
+        """Member counts the caller just read another way (see :meth:`member_counts`)."""
+        now = time.monotonic()
+        if len(self._counts) + len(counts) > MAX_REMEMBERED_COUNTS:
+            self._counts.clear()
+        for room, count in counts.items():
+            self._counts[room] = (now, count)
+
     async def member_counts(self, rooms: list[str], max_age_s: float = 0.0) -> dict[str, int]:
         """Member count of each room, read from Redis. With ``max_age_s`` a count this node read
         at most that long ago is taken instead (for advisory uses: which rooms are small enough

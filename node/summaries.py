@@ -40,6 +40,15 @@ def dm_other(room: str, user: str) -> str | None:
     return pair[1] if pair[0] == user else pair[0]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class KnownFacts:
+    """What the caller already read of the rooms (:meth:`RoomStreams.room_facts`): the summaries
+    do not read it again."""
+
+    members: dict[str, int]  # member counts (``general``'s is never here: it is a HyperLogLog)
+    roles: dict[str, Any]  # the user's stored role per room (None: none stored)
+
+
 class RoomSummaries:
     def __init__(self, settings: Settings, redis: Any, keys: Keys, rooms: Rooms,
                  streams: RoomStreams, presence: Presence) -> None:
@@ -143,9 +152,11 @@ class RoomSummaries:
 
     async def summaries(self, user: UserId, metas: dict[str, RoomMeta],
                         positions: dict[str, str] | None = None,
-                        known_seqs: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                        known_seqs: dict[str, int] | None = None,
+                        known: KnownFacts | None = None) -> list[dict[str, Any]]:
         """Room objects as in ``welcome``: with unread, member and online counts. ``known_seqs``:
-        the seq at a room's position when the caller knows it (no Redis read for those)."""
+        the seq at a room's position when the caller knows it (no Redis read for those);
+        ``known``: member counts and stored roles the caller read with the metadata."""
         rooms = list(metas)
         if not rooms:
             return []
@@ -164,7 +175,14 @@ class RoomSummaries:
             return list(markers), list(mentioned)
 
         async def counts() -> tuple[dict[str, int], list[int]]:
-            members = await self.rooms.member_counts(rooms)
+            if known is not None:
+                members = {r: known.members[r] for r in rooms if r in known.members}
+                self.rooms.remember_counts(members)
+                missing = [r for r in rooms if r not in members]
+                if missing:
+                    members.update(await self.rooms.member_counts(missing))
+            else:
+                members = await self.rooms.member_counts(rooms)
             online = await self.online_counts(members)
             return members, [online[r] for r in rooms]
 
@@ -173,7 +191,8 @@ class RoomSummaries:
 
         # Independent reads, concurrently: one round trip of latency (two for uncached counts).
         (reads, mentioned), (members, online), found, (stored_roles, read_by) = await concurrently(
-            read_markers(), counts(), seqs_at(), self._roles_and_receipts(user, metas))
+            read_markers(), counts(), seqs_at(),
+            self._roles_and_receipts(user, metas, known.roles if known is not None else None))
         seqs.update(found)
         out = []
         for i, room in enumerate(rooms):
@@ -191,15 +210,17 @@ class RoomSummaries:
             out.append(summary)
         return out
 
-    async def _roles_and_receipts(self, user: UserId, metas: dict[str, RoomMeta]
+    async def _roles_and_receipts(self, user: UserId, metas: dict[str, RoomMeta],
+                                  known_roles: dict[str, Any] | None = None
                                   ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
-        """The user's stored role in each created room they do not own, and the other member's
-        read marker in each direct room (``read_by``, so that a reloaded page can show
-        "seen"): one pipeline, run alongside the summaries' other reads."""
-        ask_roles = [r for r, m in metas.items() if m.kind in ROLE_KINDS and m.owner != user]
+        """The user's stored role in each created room they do not own (unless ``known_roles``
+        has it), and the other member's read marker in each direct room (``read_by``, so that a
+        reloaded page can show "seen"): one pipeline, run alongside the summaries' other reads."""
+        known_roles = known_roles or {}
+        ask_roles = [r for r, m in metas.items() if m.kind in ROLE_KINDS and m.owner != user and r not in known_roles]
         others = {r: o for r in metas if metas[r].kind == "direct" and (o := dm_other(r, user)) is not None}
         if not ask_roles and not others:
-            return {}, {}
+            return dict(known_roles), {}
         with unavailable_on_redis_errors("summaries"):
             pipe = self.redis.pipeline(transaction=False)
             for room in ask_roles:
@@ -207,7 +228,7 @@ class RoomSummaries:
             for room, other in others.items():
                 pipe.hget(self.keys.user_reads(other), room)
             results = await pipe.execute()
-        roles = dict(zip(ask_roles, results[:len(ask_roles)], strict=True))
+        roles = {**known_roles, **dict(zip(ask_roles, results[:len(ask_roles)], strict=True))}
         read_by = {room: {"id": other, "read_id": parse_marker(raw)[0]}
                    for (room, other), raw in zip(others.items(), results[len(ask_roles):], strict=True)}
         return roles, read_by
