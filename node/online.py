@@ -26,6 +26,7 @@ from .supervise import Jobs
 
 PRESENCE_DEBOUNCE_S = 1.0
 COUNTED_FOR_S = 600.0
+RESTART_CONCURRENCY = 16  # sessions Redis lost, started again at once
 MAX_COUNTED = 100_000
 
 
@@ -140,13 +141,19 @@ class Online:
         # again (announcing the user online if that is a transition). Ended sessions are never
         # refreshed: the heartbeat only touches live entries, and started() ends a session that
         # closed while it ran.
-        for _, sid in missing:
+        restarts = asyncio.Semaphore(RESTART_CONCURRENCY)  # many at once after a long stall
+
+        async def restart(sid: str) -> None:
             local = self.local.get(sid)
-            if local is not None:
+            if local is None:
+                return
+            async with restarts:
                 try:
                     await self.started(UserId(local[0]), local[1], sid, True)
                 except RateLimited:
                     pass  # the user has as many sessions elsewhere now; this one stays unlisted
+
+        await concurrently(*(restart(sid) for _, sid in missing))
 
     async def sweeper(self) -> None:
         """Loop: users whose sessions all expired (their node died) go offline, announced once."""

@@ -15,13 +15,14 @@ emitted only on transitions: the first session coming (start returns 1) and the 
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
 
 from .errors import RateLimited
 from .keys import Keys
 from .protocol import now_ms
-from .redisio import as_str, unavailable_on_redis_errors
+from .redisio import as_str, concurrently, unavailable_on_redis_errors
 
 # KEYS: sessions, online-index, user-meta.  ARGV: session, expiry_ms, now_ms, name, user,
 # most live WebSocket sessions of the user (0: no limit). -1: refused (that many live already).
@@ -120,6 +121,7 @@ return missing
 # Sessions per heartbeat script: small enough that neither the node (encoding) nor Redis (running
 # it) blocks for more than a fraction of a millisecond.
 HEARTBEAT_BATCH = 100
+HEARTBEAT_CONCURRENCY = 8  # heartbeat scripts in flight at once
 
 
 
@@ -169,18 +171,24 @@ class Presence:
         for user, session in sessions:
             by_shard[k.user_shard(user)].append((user, session))
         missing: list[tuple[str, str]] = []
+        # Several scripts in flight at once: a pass over tens of thousands of sessions must
+        # finish well within the TTL even when each round trip is slow (a loaded Redis).
+        inflight = asyncio.Semaphore(HEARTBEAT_CONCURRENCY)
+
+        async def beat(index: str, batch: list[tuple[str, str]]) -> None:
+            keys = [index] + [k.user_sessions(user) for user, _ in batch]
+            args: list[Any] = [expiry, SESSIONS_KEY_TTL_MS]
+            for user, session in batch:
+                args += (session, user)
+            async with inflight:
+                gone = await self._heartbeat(keys=keys, args=args)
+            self.heartbeat_scripts += 1
+            missing.extend(batch[int(i) - 1] for i in gone or [])
+
         with unavailable_on_redis_errors("heartbeat"):
-            for shard, pairs in by_shard.items():
-                index = k.online_index(shard)
-                for i in range(0, len(pairs), HEARTBEAT_BATCH):
-                    batch = pairs[i:i + HEARTBEAT_BATCH]
-                    keys = [index] + [k.user_sessions(user) for user, _ in batch]
-                    args: list[Any] = [expiry, SESSIONS_KEY_TTL_MS]
-                    for user, session in batch:
-                        args += (session, user)
-                    gone = await self._heartbeat(keys=keys, args=args)
-                    self.heartbeat_scripts += 1
-                    missing += [batch[int(i) - 1] for i in gone or []]
+            await concurrently(*(beat(k.online_index(shard), pairs[i:i + HEARTBEAT_BATCH])
+                                 for shard, pairs in by_shard.items()
+                                 for i in range(0, len(pairs), HEARTBEAT_BATCH)))
         return missing
 
     async def end(self, user: str, session: str) -> int | None:

@@ -179,6 +179,36 @@ async def test_heartbeat_refreshes_every_session_in_few_scripts(redis_client):
         assert indexed == (far if user == "hb-user0" else expiry), user
 
 
+async def test_heartbeat_scripts_are_in_flight_together(redis_client):
+    """A heartbeat pass over many sessions keeps several scripts in flight (a pass must end
+    well within the TTL even when each round trip is slow): the test holds every script at a
+    gate until HEARTBEAT_CONCURRENCY of them are waiting at once, then lets them all through."""
+    from node.keys import Keys
+    from node.presence import HEARTBEAT_BATCH, HEARTBEAT_CONCURRENCY, Presence
+
+    keys = Keys(16)
+    presence = Presence(redis_client, keys, ttl_s=30)
+    sessions = [(f"hc-user{i}", f"sess-{i}") for i in range(4 * 16 * HEARTBEAT_BATCH)]
+    script = presence._heartbeat
+    waiting = 0
+    most = 0
+    gate = asyncio.Event()
+
+    async def held(**kwargs):
+        nonlocal waiting, most
+        waiting += 1
+        most = max(most, waiting)
+        if waiting >= HEARTBEAT_CONCURRENCY:
+            gate.set()
+        await gate.wait()
+        waiting -= 1
+        return await script(**kwargs)
+
+    presence._heartbeat = held
+    await asyncio.wait_for(presence.heartbeat(sessions), 30)
+    assert most == HEARTBEAT_CONCURRENCY
+
+
 async def test_heartbeat_restarts_a_live_session_that_redis_lost(start_nodes, clients, redis_client):
     """A session still open on its node but gone from Redis (the node stalled past the TTL and a
     sweeper took the user offline, or Redis lost the key) is started again by the next heartbeat."""
