@@ -92,30 +92,33 @@ class SessionOpener:
             metas[GENERAL] = await self.streams.meta(GENERAL)
         return {room: meta for room, meta in metas.items() if meta is not None}
 
-    async def room_facts(self, rooms: list[RoomId], user: UserId) -> tuple[dict[str, RoomMeta], KnownFacts]:
+    async def room_facts(self, rooms: list[RoomId], user: UserId,
+                         markers: dict[str, tuple[Any, Any]]) -> tuple[dict[str, RoomMeta], KnownFacts]:
         """Metadata of the user's rooms (recreating ``general`` if Redis lost it), with what the
-        welcome's summaries need of them: one read."""
+        welcome's summaries need of them (``markers``: read markers and mentions read with the
+        personal stream): one read."""
         facts = await self.streams.room_facts(list(rooms), user)
         if (general := facts.get(GENERAL)) is None or general.meta is None:
             await self.rooms.ensure_general()
             facts.update(await self.streams.room_facts([GENERAL], user))
         metas = {room: f.meta for room, f in facts.items() if f.meta is not None}
         known = KnownFacts({room: f.members for room, f in facts.items() if room != GENERAL and f.meta is not None},
-                           {room: f.stored_role or None for room, f in facts.items() if f.meta is not None})
+                           {room: f.stored_role or None for room, f in facts.items() if f.meta is not None},
+                           markers)
         return metas, known
 
     async def open(self, identity: Identity, raw_cursors: Any, raw_personal: Any, session_id: str,
                    live: Live | None) -> Opened:
         settings = self.settings
         user = identity.user
-        epoch, pdel, last_pid, member_of = await self.personal.open_with_rooms(user)
+        epoch, pdel, last_pid, member_of, markers = await self.personal.open_for_session(user)
         p0 = await live.personal(user, epoch, last_pid) if live is not None else last_pid
         # The rooms read with the personal stream's newest id hold every change whose event is
         # at or before it, and live personal delivery starts at p0: when this node already read
         # the user's stream past that id, read the rooms again, after it.
         rooms = rooms_in_order(member_of) if stream_id_tuple(p0) <= stream_id_tuple(last_pid) \
             else await self.rooms.user_rooms(user)
-        metas, known = await self.room_facts(rooms, user)
+        metas, known = await self.room_facts(rooms, user, markers)
         await self.pauses.point("session.rooms_read")
         if live is not None and live.closed:
             return Opened({}, closed=True)

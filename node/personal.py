@@ -44,8 +44,13 @@ local pdel = redis.call('HGET', KEYS[2], 'pdel') or '0-0'
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last_id = '0-0'
 if last[1] then last_id = last[1][1] end
-if KEYS[3] then return {epoch, pdel, last_id, redis.call('SMEMBERS', KEYS[3])} end
-return {epoch, pdel, last_id}
+if not KEYS[3] then return {epoch, pdel, last_id} end
+local rooms = redis.call('SMEMBERS', KEYS[3])
+if not KEYS[4] then return {epoch, pdel, last_id, rooms} end
+local asked = {'general'}
+for _, room in ipairs(rooms) do if room ~= 'general' then asked[#asked + 1] = room end end
+return {epoch, pdel, last_id, rooms, asked, redis.call('HMGET', KEYS[4], unpack(asked)),
+        redis.call('HMGET', KEYS[5], unpack(asked))}
 """
 
 # KEYS: user-meta.  ARGV: id.  Moves pdel forward only.
@@ -144,6 +149,19 @@ class PersonalStreams:
                 keys=[self.keys.user_inbox(user), self.keys.user_meta(user), self.keys.user_rooms(user)],
                 args=[new_epoch()])
         return as_str(epoch), as_str(pdel), as_str(last_id), [as_str(r) for r in rooms]
+
+    async def open_for_session(self, user: str) -> tuple[str, str, str, list[str], dict[str, tuple[Any, Any]]]:
+        """:meth:`open_with_rooms`, and the user's read marker and mentions of each of those rooms
+        and ``general`` (room -> (raw marker, raw mentions)): what a welcome's unread and mention
+        counts need, in the same script (all the user's keys)."""
+        k = self.keys
+        with unavailable_on_redis_errors("personal"):
+            epoch, pdel, last_id, rooms, asked, reads, mentions = await self._open(
+                keys=[k.user_inbox(user), k.user_meta(user), k.user_rooms(user), k.user_reads(user),
+                      k.user_mentions(user)],
+                args=[new_epoch()])
+        markers = {as_str(room): (read, mentioned) for room, read, mentioned in zip(asked, reads, mentions, strict=True)}
+        return as_str(epoch), as_str(pdel), as_str(last_id), [as_str(r) for r in rooms], markers
 
     async def mark_delivered(self, user: str, sid: str) -> None:
         with unavailable_on_redis_errors("personal"):

@@ -23,6 +23,7 @@ from .webhooks import outbox_xadd
 
 KINDS = ("general", "open", "closed", "direct")
 NOT_FOUND = "no such room"
+GENERAL_COUNT_MAX_AGE_S = 5.0  # how old general's member count may be (an estimate anyway)
 MAX_REMEMBERED_COUNTS = 10_000  # member counts remembered for advisory uses (see member_counts)
 
 
@@ -345,14 +346,17 @@ class Rooms:
             return {}
         out: dict[str, int] = {}
         now = time.monotonic()
-        if max_age_s > 0:
-            for room in rooms:
-                seen = self._counts.get(room)
-                if seen is not None and now - seen[0] <= max_age_s:
-                    out[room] = seen[1]
-            if len(out) == len(rooms):
-                return out
-            rooms = [room for room in rooms if room not in out]
+        for room in rooms:
+            # general's count is a HyperLogLog estimate of everyone ever seen: a few seconds
+            # old is as good, and every hello would read it otherwise.
+            age = max(max_age_s, GENERAL_COUNT_MAX_AGE_S) if room == GENERAL else max_age_s
+            seen = self._counts.get(room)
+            if age > 0 and seen is not None and now - seen[0] <= age:
+                out[room] = seen[1]
+        if len(out) == len(rooms):
+            return out
+        asked = rooms
+        rooms = [room for room in rooms if room not in out]
         others = [room for room in rooms if room != GENERAL]
 
         async def general() -> None:
@@ -374,7 +378,7 @@ class Rooms:
             self._counts.clear()
         for room in rooms:
             self._counts[room] = (now, out[room])
-        return {room: out[room] for room in rooms} if max_age_s <= 0 else out
+        return {room: out[room] for room in asked}
 
     async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:
         """Open rooms from the directory (id -> name), filtered by a case-insensitive query."""

@@ -47,6 +47,7 @@ class KnownFacts:
 
     members: dict[str, int]  # member counts (``general``'s is never here: it is a HyperLogLog)
     roles: dict[str, Any]  # the user's stored role per room (None: none stored)
+    markers: dict[str, tuple[Any, Any]]  # room -> (raw read marker, raw mentions) of the user
 
 
 class RoomSummaries:
@@ -166,6 +167,8 @@ class RoomSummaries:
         unknown = {r: p for r, p in (positions or {}).items() if r not in seqs}
 
         async def read_markers() -> tuple[list[Any], list[Any]]:
+            if known is not None and all(room in known.markers for room in rooms):
+                return [known.markers[r][0] for r in rooms], [known.markers[r][1] for r in rooms]
             # Read markers and mentions: the user's slot, one round trip.
             with unavailable_on_redis_errors("summaries"):
                 pipe = self.redis.pipeline(transaction=False)

@@ -245,11 +245,16 @@ async def test_a_hellos_online_counts_cost_two_reads_whatever_its_rooms(inproc):
     vic = await raw_connect(ws_url(node))
     await hello(vic, "vic")
     calls: list[str] = []
-    for name in ("members", "members_of_rooms"):
-        def spy(*args: Any, name: str = name, original: Any = getattr(node.rooms, name)) -> Any:
+    def spying(name: str) -> Any:
+        original = getattr(node.rooms, name)
+
+        def spy(*args: Any) -> Any:
             calls.append(name)
             return original(*args)
-        setattr(node.rooms, name, spy)
+        return spy
+
+    for name in ("members", "members_of_rooms"):
+        setattr(node.rooms, name, spying(name))
     node.summaries._online_cache.clear()
     uma = await raw_connect(ws_url(node))
     welcome = await hello(uma, "uma")
