@@ -144,15 +144,19 @@ class RawXread:
     ``[(key, [(id, {field: value}), ...]), ...]`` or ``None`` on a timeout.
     """
 
-    __slots__ = ("frags",)
+    __slots__ = ("frags", "ids")
 
     def __init__(self) -> None:
         self.frags: dict[str, bytes] = {}
+        # key -> (id, its packed form): most streams of a shard did not move since the last read
+        self.ids: dict[str, tuple[str, bytes]] = {}
 
     def pack(self, streams: dict[str, str], count: int, block_ms: int) -> bytes:
         frags = self.frags
+        ids = self.ids
         if len(frags) > 2 * len(streams) + 64:
             frags.clear()  # keys of topics that went away
+            ids.clear()
         parts = [b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n"
                  % (6 + 2 * len(streams), resp_bulk(b"%d" % count), resp_bulk(b"%d" % block_ms))]
         for key in streams:
@@ -160,8 +164,11 @@ class RawXread:
             if frag is None:
                 frag = frags[key] = resp_bulk(key.encode())
             parts.append(frag)
-        for sid in streams.values():
-            parts.append(resp_bulk(sid.encode()))
+        for key, sid in streams.items():
+            packed = ids.get(key)
+            if packed is None or packed[0] != sid:
+                packed = ids[key] = (sid, resp_bulk(sid.encode()))
+            parts.append(packed[1])
         return b"".join(parts)
 
     @staticmethod
