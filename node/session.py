@@ -194,7 +194,11 @@ class Sessions:
         if live is not None:
             async with live.lock:
                 position = await self.subscribe_room(live, meta.room, None, meta)
-            summary = (await self.summaries.summaries(user, {meta.room: meta}, {meta.room: position}))[0]
+            # The topic knows the seq at the position (as a hello's rooms do): no read of it.
+            topic = live.topics.get(meta.room)
+            seqs: dict[str, int] | None = ({meta.room: topic.seq} if topic is not None and topic.pos == position
+                                           and topic.seq >= 0 else None)
+            summary = (await self.summaries.summaries(user, {meta.room: meta}, {meta.room: position}, seqs))[0]
         elif summary_for_user:
             summary = (await self.summaries.summaries(user, {meta.room: meta}))[0]
         if announce:
