@@ -73,8 +73,16 @@ def test_headless_run_passes(start_nodes, tmp_path: Path) -> None:
 def test_lost_or_duplicated_message_fails_the_run(start_nodes, tmp_path: Path, fault: str) -> None:
     nodes = start_nodes(2, **NODE_ENV)
     # Edits and deletes often enough that a short run has some to duplicate.
-    extra = ("--chat-edit-weight", "20", "--chat-delete-weight", "10") if fault == "dupfold" else ()
-    res = run_locust(nodes, tmp_path, users=6, seconds=6, fault=fault, extra=extra)
+    extra: tuple[str, ...] = ("--chat-edit-weight", "20", "--chat-delete-weight", "10") if fault == "dupfold" else ()
+    if fault == "drop":
+        # No deletes: a hole that a delete event accounts for is no gap (a message deleted before
+        # a poll or replay read it), so the dropped message, deleted later by its author, went
+        # unreported in about one run in four (seen in CI and locally, before this session's
+        # changes too).
+        extra = ("--chat-delete-weight", "0")
+    # The drop is caught by the next message the user gets in the room: leave time for it on a
+    # loaded machine, where users start late.
+    res = run_locust(nodes, tmp_path, users=6, seconds=9 if fault == "drop" else 6, fault=fault, extra=extra)
     assert res.returncode != 0, _explain(res)
     out = res.stdout + res.stderr
     assert "FAIL" in out, _explain(res)
