@@ -449,4 +449,7 @@ class Fanout:
         return max((r.lag for r in self.readers.values() if r.topics), default=0.0)
 
     def healthy(self) -> bool:
-        return all(r.healthy or not r.topics for r in self.readers.values())
+        """No reader with topics is failing. A reader still opening its first connection (a
+        shard's first local subscriber, a moment ago) is not failing: readiness must not flap
+        each time the node starts reading a new shard."""
+        return all(r.healthy or not r.topics or r.failures == 0 for r in self.readers.values())
