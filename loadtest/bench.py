@@ -84,7 +84,7 @@ NODE_SOURCE = _node_source(sys.argv[1:])
 import psutil  # noqa: E402
 
 from loadtest import stats  # noqa: E402
-from loadtest.publisher import publisher_main  # noqa: E402
+from loadtest.publisher import publisher_main, publisher_result  # noqa: E402
 from loadtest.stats import commandstats, redis_info  # noqa: E402,F401
 from loadtest.targets import TARGETS, _env_items  # noqa: E402
 from loadtest.wsclient import WorkerPool, raise_nofile, worker_main  # noqa: E402
@@ -243,16 +243,8 @@ class Fanout:
         procs = {"node": [server.pid], "redis": [self.cluster.redis.pid],
                  "publisher": [pub.pid], "clients": self.workers.pids}
         sampler = stats.CpuSampler(procs)
-        time.sleep(max(0.0, (w0 - now_us()) / 1e6))
-        sampler.start()
-        time.sleep(max(0.0, (w1 - now_us()) / 1e6))
-        cpu = sampler.stop()
-        if not parent.poll(30):
-            raise RuntimeError("publisher did not finish")
-        pub_result = parent.recv()
-        pub.join(5)
-        if "error" in pub_result:
-            raise RuntimeError(f"publisher failed: {pub_result['error']}")
+        cpu = stats.sample_window(sampler, w0, w1)
+        pub_result = publisher_result(parent, pub)
         self.peer_seq[target] = {**self.peer_seq.get(target, {}), **pub_result["last_seq"]}
         # Drain: wait until every client saw the last message of its room.
         caught_up, t_drain = self._drain(target, pub_result["last_seq"], a.drain_timeout)

@@ -236,6 +236,17 @@ def publish(redis_host: str, redis_port: int, shards: int, rooms: list[str], rat
     return {"sent": sent, "batches": batches, "max_lag_ms": max_lag_us / 1000, "last_seq": last_seq}
 
 
+def publisher_result(parent: Any, pub: Any, timeout_s: float = 30.0) -> dict[str, Any]:
+    """The result a publisher process sent back through ``parent`` (raises if it failed)."""
+    if not parent.poll(timeout_s):
+        raise RuntimeError("publisher did not finish")
+    result: dict[str, Any] = parent.recv()
+    pub.join(5)
+    if "error" in result:
+        raise RuntimeError(f"publisher failed: {result['error']}")
+    return result
+
+
 def publisher_main(conn: Any, **kwargs: Any) -> None:
     """Process entry point: publish, then send the summary back over ``conn``."""
     try:

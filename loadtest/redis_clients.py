@@ -309,7 +309,22 @@ class Lib:
             redis.Redis(host=host, port=port).script_flush()
 
 
-class RedisPy(Lib):
+class RedisPyShaped(Lib):
+    """The plain commands, for the two clients that share redis-py's command API."""
+
+    client: Any
+
+    async def set_ex(self, key: str, value: str) -> Any:
+        return await self.client.set(key, value, ex=60)
+
+    async def xread_block(self, key: str, block_ms: int) -> Any:
+        return await self.client.xread({key: "$"}, block=block_ms)
+
+    async def get(self, key: str) -> Any:
+        return await self.client.get(key)
+
+
+class RedisPy(RedisPyShaped):
     name = "redis-py"
     variants = {"append": ["redis-py", "redis-py+AppendPipe"], "hello": ["redis-py"],
                 "xread": ["redis-py", "redis-py+RawXread"], "set": ["redis-py"]}
@@ -364,17 +379,7 @@ class RedisPy(Lib):
                 out.append(call)
         return out
 
-    async def set_ex(self, key: str, value: str) -> Any:
-        return await self.client.set(key, value, ex=60)
-
-    async def xread_block(self, key: str, block_ms: int) -> Any:
-        return await self.client.xread({key: "$"}, block=block_ms)
-
-    async def get(self, key: str) -> Any:
-        return await self.client.get(key)
-
-
-class Coredis(Lib):
+class Coredis(RedisPyShaped):
     name = "coredis"
     variants = {"append": ["coredis", "coredis+pipeline"], "hello": ["coredis"], "xread": ["coredis"],
                 "set": ["coredis"]}
@@ -427,16 +432,6 @@ class Coredis(Lib):
                 return await client.xread(streams, count=100)
             out.append(call)
         return out
-
-    async def set_ex(self, key: str, value: str) -> Any:
-        return await self.client.set(key, value, ex=60)
-
-    async def xread_block(self, key: str, block_ms: int) -> Any:
-        return await self.client.xread({key: "$"}, block=block_ms)
-
-    async def get(self, key: str) -> Any:
-        return await self.client.get(key)
-
 
 class Glide(Lib):
     name = "glide"

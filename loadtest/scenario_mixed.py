@@ -56,8 +56,7 @@ def log(msg: str) -> None:
     print(f"[mixed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
+now_us = stats.now_us
 
 
 QUICK = dict(dms=100, small_rooms=40, big_size=200, rate=300.0, churn_rate=4.0, pollers=40,
@@ -290,16 +289,9 @@ class Scenario:
         sampler = stats.CpuSampler({
             "node": [server.pid], "redis": [cluster.redis.pid], "publisher": [pub.pid],
             "clients": workers.pids + churn.pids + pollers.pids + (typing.pids if typing else [])})
-        time.sleep(max(0.0, (w0 - now_us()) / 1e6))
-        sampler.start()
-        time.sleep(max(0.0, (w1 - now_us()) / 1e6))
-        cpu = sampler.stop()
-        if not parent.poll(30):
-            raise RuntimeError("publisher did not finish")
-        pub_result = parent.recv()
-        pub.join(5)
-        if "error" in pub_result:
-            raise RuntimeError(f"publisher failed: {pub_result['error']}")
+        cpu = stats.sample_window(sampler, w0, w1)
+        from loadtest.publisher import publisher_result
+        pub_result = publisher_result(parent, pub)
         last_seq = pub_result["last_seq"]
         # Drain: every WebSocket client and poller has the last message of each of its rooms.
         t = time.monotonic()

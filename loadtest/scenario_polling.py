@@ -606,12 +606,8 @@ class Scenario:
         cs1 = stats.commandstats(self.cluster.redis_port)
         pub_result: dict[str, Any] = {"sent": 0, "last_seq": {}, "max_lag_ms": 0.0}
         if pub is not None and parent is not None:
-            if not parent.poll(30):
-                raise RuntimeError("publisher did not finish")
-            pub_result = parent.recv()
-            pub.join(5)
-            if "error" in pub_result:
-                raise RuntimeError(f"publisher failed: {pub_result['error']}")
+            from loadtest.publisher import publisher_result
+            pub_result = publisher_result(parent, pub)
             if self.sio:
                 self.peer_seq.update(pub_result["last_seq"])
         caught_up, drain_s = self._drain(kind, pub_result["last_seq"], a.drain_timeout)

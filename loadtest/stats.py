@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from array import array
 from typing import Any
 
@@ -25,6 +26,18 @@ def _proc_cpu(pids: list[int]) -> tuple[float, float]:
 def _machine_busy() -> float:
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def sample_window(sampler: CpuSampler, w0_us: int, w1_us: int) -> dict[str, Any]:
+    """Wait for the window ``[w0_us, w1_us]`` (wall clock, µs), sampling CPU over exactly it."""
+    time.sleep(max(0.0, (w0_us - now_us()) / 1e6))
+    sampler.start()
+    time.sleep(max(0.0, (w1_us - now_us()) / 1e6))
+    return sampler.stop()
 
 
 class CpuSampler:
