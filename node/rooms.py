@@ -374,10 +374,7 @@ class Rooms:
         with unavailable_on_redis_errors("members"):
             # Concurrently: one round trip of latency, not two.
             await concurrently(*([general()] if GENERAL in rooms else []), *([created()] if others else []))
-        if len(self._counts) >= MAX_REMEMBERED_COUNTS:
-            self._counts.clear()
-        for room in rooms:
-            self._counts[room] = (now, out[room])
+        self.remember_counts({room: out[room] for room in rooms})
         return {room: out[room] for room in asked}
 
     async def open_rooms(self, query: str | None, limit: int = 200) -> dict[str, str]:

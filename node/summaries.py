@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
@@ -77,25 +78,39 @@ class RoomSummaries:
         pending = self._online_pending.get(room)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._online_pending[room] = future
-        try:
+
+        async def compute() -> dict[str, int]:
             if room == GENERAL:
                 _, count = await self.presence.online_everyone(0)
             else:
-                online = await self.presence.online_users(await self.rooms.members(room))
-                count = sum(online.values())
+                count = sum((await self.presence.online_users(await self.rooms.members(room))).values())
+            return {room: count}
+
+        return (await self._computed([room], now, compute))[room]
+
+    async def _computed(self, rooms: list[str], now: float,
+                        compute: Callable[[], Awaitable[dict[str, int]]]) -> dict[str, int]:
+        """Online counts of ``rooms`` by ``compute``, once: concurrent callers wait for it (the
+        pending futures) and get its error if it fails; the counts are cached as of ``now``."""
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future[int]] = {room: loop.create_future() for room in rooms}
+        self._online_pending.update(futures)
+        try:
+            counts = await compute()
         except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
+            for future in futures.values():
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
             raise
         finally:
-            self._online_pending.pop(room, None)
-        future.set_result(count)
+            for room in rooms:
+                self._online_pending.pop(room, None)
         if len(self._online_cache) > MAX_CACHED_ROOMS:
             self._online_cache.clear()
-        self._online_cache[room] = (now, count)
-        return count
+        for room, count in counts.items():
+            futures[room].set_result(count)
+            self._online_cache[room] = (now, count)
+        return counts
 
     async def online_counts(self, members: dict[str, int]) -> dict[str, int]:
         """:meth:`online_count` of many rooms (room -> member count). The small rooms that are
@@ -114,29 +129,13 @@ class RoomSummaries:
                 out[room] = cached[1]
             else:
                 batch.append(room)
-        futures: dict[str, asyncio.Future[int]] = {}
         if batch:
-            loop = asyncio.get_running_loop()
-            for room in batch:
-                futures[room] = self._online_pending[room] = loop.create_future()
-            try:
+            async def compute() -> dict[str, int]:
                 sets = await self.rooms.members_of_rooms(batch)
                 online = await self.presence.online_users(sorted({u for users in sets.values() for u in users}))
-                counts = {room: sum(1 for u in sets[room] if online.get(u)) for room in batch}
-            except BaseException as exc:
-                for future in futures.values():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
-                raise
-            finally:
-                for room in batch:
-                    self._online_pending.pop(room, None)
-            if len(self._online_cache) > MAX_CACHED_ROOMS:
-                self._online_cache.clear()
-            for room, count in counts.items():
-                futures[room].set_result(count)
-                self._online_cache[room] = (now, count)
-                out[room] = count
+                return {room: sum(1 for u in sets[room] if online.get(u)) for room in batch}
+
+            out.update(await self._computed(batch, now, compute))
         if single:
             for room, count in zip(single, await asyncio.gather(*(self.online_count(r, members[r]) for r in single)),
                                    strict=True):
@@ -157,7 +156,7 @@ class RoomSummaries:
                         known: KnownFacts | None = None) -> list[dict[str, Any]]:
         """Room objects as in ``welcome``: with unread, member and online counts. ``known_seqs``:
         the seq at a room's position when the caller knows it (no Redis read for those);
-        ``known``: member counts and stored roles the caller read with the metadata."""
+        ``known``: member counts, stored roles and read markers the caller already read."""
         rooms = list(metas)
         if not rooms:
             return []
