@@ -129,8 +129,10 @@ def test_without_websocket_it_chats_by_polling_that_decays_and_snaps_back(start_
     while idle[1:2] == [200]:  # the poll after the one that brought the last message
         idle.pop(0)
     assert idle[0] == 200, idle
-    assert all(abs(b - min(1600, a * 1.5)) <= 1 for a, b in zip(idle, idle[1:], strict=False)), idle
-    assert idle[-1] == 1600, idle
+    # A busy node (loop lag over 100 ms: Status.load_factor) stretches an interval, never
+    # shortens it: seen once in CI as 200, 690 (= 300 x 2.3), 1035, 1552, 1600.
+    assert all(b >= min(1600, a * 1.5) - 1 for a, b in zip(idle, idle[1:], strict=False)), idle
+    assert idle[-1] >= 1600, idle
 
     # A new message: the poll that brings it resets the interval to the minimum.
     send(bob, "wake up")
